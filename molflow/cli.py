@@ -1,0 +1,145 @@
+"""The ``molflow`` command: the only face of the toolkit on the command line.
+
+Every subcommand has ``--help``; bad input gives a one-line error and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MolflowError
+
+EXIT_INPUT = 2
+EXIT_RUNTIME = 3
+
+
+def _add_system_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("system overrides")
+    g.add_argument("--temperature-k", type=float, help="temperature (K); default from the system (300)")
+    g.add_argument("--friction-per-ps", type=float, help="Langevin friction gamma (1/ps); default 1")
+    g.add_argument("--timestep-fs", type=float, help="integration timestep (fs); default 1")
+    g.add_argument("--forcefield", nargs="+", metavar="XML",
+                   help="OpenMM force-field files (default amber99sbildn.xml amber99_obc.xml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molflow",
+        description="Accelerated molecular-dynamics sampling with strong stochastic flow maps. "
+                    "Units: nm, ps, kJ/mol, K, amu.")
+    parser.add_argument("--version", action="version", version=f"molflow {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="reference Langevin MD with the Brownian path recorded",
+                       description="Run R independent Langevin trajectories with OpenMM and record "
+                                   "positions, velocities, forces, energies and the Legendre path "
+                                   "coefficients of every frame interval (HDF5, DESIGN.md section 5).")
+    p.add_argument("system", help="built-in system name (e.g. alanine_dipeptide) or a PDB file")
+    p.add_argument("--out", required=True, help="output HDF5 file")
+    p.add_argument("--replicas", type=int, default=1, help="independent trajectories (default 1)")
+    p.add_argument("--time-ps", type=float, default=100.0, help="simulated time per replica, ps (default 100)")
+    p.add_argument("--frame-fs", type=float, default=100.0, help="interval between saved frames, fs (default 100)")
+    p.add_argument("--coefficients", type=int, default=3, help="path coefficients N per interval, 0..8 (default 3)")
+    p.add_argument("--equilibrate-ps", type=float, default=10.0, help="equilibration before frame 0, ps (default 10)")
+    p.add_argument("--platform", default="auto", help="auto|Reference|CPU|CUDA|OpenCL (default auto)")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an existing run from its last complete frame")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--copies-per-context", type=int, help="replicas per OpenMM Context (default: per platform)")
+    p.add_argument("--workers", type=int, help="CPU worker processes (default: one per core)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic forces on CUDA")
+    p.add_argument("--executor", choices=["local", "dask"], default="local", help="where groups run (default local)")
+    p.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
+    _add_system_overrides(p)
+
+    p = sub.add_parser("info", help="what a run file holds")
+    p.add_argument("file", help="a molflow HDF5 file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("quickstart", help="the main job on the built-in alanine dipeptide",
+                       description="Short reference MD of alanine dipeptide and a report with a "
+                                   "Ramachandran plot, all under --out (a few minutes on 2 cores).")
+    p.add_argument("--out", default="molflow-quickstart", help="output folder (default molflow-quickstart)")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--small", action="store_true", help="a tiny run (for tests)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_INPUT
+    try:
+        return {"simulate": _simulate, "info": _info, "quickstart": _quickstart}[args.command](args)
+    except MolflowError as exc:
+        print(f"molflow {args.command}: error: {exc}", file=sys.stderr)
+        from .errors import SimulationError
+
+        return EXIT_RUNTIME if isinstance(exc, SimulationError) else EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"molflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _overrides(args) -> dict:
+    return {"temperature_K": args.temperature_k, "friction_per_ps": args.friction_per_ps,
+            "timestep_fs": args.timestep_fs, "forcefield": args.forcefield}
+
+
+def _simulate(args) -> int:
+    from .errors import InputError
+    from .md.engine import simulate
+
+    if args.executor == "dask":
+        raise InputError("--executor dask is not available in this version (it arrives with the "
+                         "scale-out issue #6); use --executor local")
+    if args.scheduler:
+        raise InputError("--scheduler needs --executor dask")
+    traj = simulate(args.system, args.out, replicas=args.replicas, time_ps=args.time_ps,
+                    frame_fs=args.frame_fs, n_coefficients=args.coefficients,
+                    equilibrate_ps=args.equilibrate_ps, platform=args.platform, seed=args.seed,
+                    resume=args.resume, overwrite=args.overwrite,
+                    copies_per_context=args.copies_per_context, workers=args.workers,
+                    deterministic=args.deterministic, progress=not args.quiet, **_overrides(args))
+    if not args.quiet:
+        a = traj.attrs
+        print(f"wrote {traj.path}: {traj.n_replicas} replicas x {traj.n_frames} frames, "
+              f"seed {a['seed']}, {a['wall_clock_s']:.1f} s")
+    traj.close()
+    return 0
+
+
+def _info(args) -> int:
+    from .trajectory import Trajectory
+
+    with Trajectory(args.file) as t:
+        a = t.attrs
+        a.pop("pdb", None)
+        info = {"path": str(t.path), "replicas": t.n_replicas, "frames": t.n_frames, "atoms": t.n_atoms,
+                "datasets": {k: list(t._file[k].shape) for k in t._file}, **a}
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    report = run_quickstart(Path(args.out), seed=args.seed, small=args.small, progress=not args.quiet)
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Run reference Langevin MD with the Brownian path recorded (user story 1).
+
+A run is split into *groups*: each group is one OpenMM Context holding ``copies_per_context``
+non-interacting copies (:mod:`molflow.md.multicopy`). On CUDA/OpenCL one process drives large
+groups; on CPU/Reference small groups (<= 8 copies, one thread each) run in worker processes, one
+per core (DESIGN.md section 4). All groups advance in lock step, one chunk of frames at a time; the
+main process writes each chunk for all replicas, flushes, and keeps an OpenMM checkpoint per group
+in ``<out>.ckpt/`` so ``resume=True`` continues bit-identically after a crash.
+
+Python:
+
+    >>> import molflow
+    >>> traj = molflow.simulate("alanine_dipeptide", "run.h5", replicas=2, time_ps=10, frame_fs=100)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform as _platform
+import queue
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError, SimulationError
+from ..seeding import derive_seed, random_seed
+from ..systems import MolecularSystem, load_system
+from ..trajectory import Trajectory, TrajectoryWriter
+from .integrator import BOLTZMANN_KJ_MOL_K, read_coefficients, recording_integrator
+from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
+
+GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
+#: settings that must match for ``resume`` (``time_ps`` may grow).
+RESUME_KEYS = ("system", "fingerprint", "n_replicas", "frame_interval_fs", "n_coefficients", "seed",
+               "copies_per_context", "temperature_K", "friction_per_ps", "timestep_fs", "equilibration_ps")
+# kinetic temperature of one copy above this multiple of the target means the run exploded
+# (a 22-atom copy fluctuates by ~T*sqrt(2/(3A)) = 17%: 5x is far beyond any honest fluctuation).
+EXPLOSION_FACTOR = 5.0
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """Everything a worker needs to build and drive its groups (picklable)."""
+
+    pdb_text: str
+    forcefield: tuple[str, ...]
+    name: str
+    temperature_K: float
+    friction_per_ps: float
+    timestep_fs: float
+    steps_per_frame: int
+    n_coefficients: int
+    platform: str
+    threads: int
+    deterministic: bool
+    cutoff_nm: float
+    seed: int
+    equilibration_steps: int
+    start_positions_nm: np.ndarray  # (A, 3) minimised structure
+
+    def molecule(self) -> MolecularSystem:
+        from ..systems import system_from_pdb_text
+
+        return system_from_pdb_text(self.pdb_text, self.forcefield, self.temperature_K,
+                                    self.friction_per_ps, self.timestep_fs, self.name)
+
+
+@dataclasses.dataclass
+class GroupStart:
+    """How a group begins: fresh, from an OpenMM checkpoint, or from a recorded frame."""
+
+    kind: str  # "fresh" | "checkpoint" | "state"
+    checkpoint: bytes | None = None
+    positions_nm: np.ndarray | None = None  # (C, A, 3) file frame
+    velocities: np.ndarray | None = None
+    restart: int = 0
+
+
+# ----------------------------------------------------------------------------- one group
+
+
+class EnergyEvaluator:
+    """Single-molecule NoCutoff potential energies of copies (kJ/mol), off the multi-copy context."""
+
+    def __init__(self, molecule: MolecularSystem, platform: str = "CPU"):
+        import openmm
+
+        self._context = openmm.Context(molecule.create_system("nocutoff"), openmm.VerletIntegrator(0.001),
+                                       _platform_obj(platform), _platform_props(platform, 1, False))
+
+    def __call__(self, positions_nm: np.ndarray) -> np.ndarray:
+        """positions (..., A, 3) nm -> energies (...) kJ/mol."""
+        flat = positions_nm.reshape(-1, *positions_nm.shape[-2:])
+        out = np.empty(len(flat))
+        for i, x in enumerate(flat):
+            self._context.setPositions(x)
+            out[i] = self._context.getState(getEnergy=True).getPotentialEnergy()._value
+        return out.reshape(positions_nm.shape[:-2])
+
+    def forces(self, positions_nm: np.ndarray) -> np.ndarray:
+        """positions (A, 3) nm -> forces (A, 3) kJ/mol/nm."""
+        self._context.setPositions(positions_nm)
+        return np.asarray(self._context.getState(getForces=True).getForces(asNumpy=True)._value)
+
+
+class Group:
+    """One OpenMM Context of ``n_copies`` copies, advanced a frame at a time."""
+
+    def __init__(self, spec: RunSpec, index: int, n_copies: int, molecule: MolecularSystem | None = None,
+                 energies: EnergyEvaluator | None = None):
+        import openmm
+
+        self.spec, self.index, self.n_copies = spec, index, n_copies
+        mol = molecule or spec.molecule()
+        self.n_atoms = mol.n_atoms
+        self.layout: CopyLayout = make_layout(n_copies, spec.start_positions_nm, spec.cutoff_nm)
+        self.masses = np.tile(mol.masses_amu, n_copies)
+        system = multicopy_system(mol, n_copies, spec.cutoff_nm)
+        self.integrator = recording_integrator(spec.temperature_K, spec.friction_per_ps, spec.timestep_fs,
+                                               spec.steps_per_frame, spec.n_coefficients,
+                                               derive_seed(spec.seed, index))
+        self.context = openmm.Context(system, self.integrator, _platform_obj(spec.platform),
+                                      _platform_props(spec.platform, spec.threads, spec.deterministic))
+        self.energies = energies or EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform)
+        self.kT = BOLTZMANN_KJ_MOL_K * spec.temperature_K
+
+    # -- starting
+    def start(self, how: GroupStart) -> dict[str, np.ndarray] | None:
+        """Begin the group; a fresh start equilibrates and returns frame 0."""
+        if how.kind == "checkpoint":
+            self.context.loadCheckpoint(how.checkpoint)
+            x = self._state(positions=True)["x"]
+            mean_diff = how.positions_nm.mean(1) - x.reshape(self.n_copies, self.n_atoms, 3).mean(1)
+            self.layout.offsets_nm = np.round(mean_diff)
+            return None
+        if how.kind == "state":
+            centroid = how.positions_nm.mean(1)
+            self.layout.offsets_nm = np.round(centroid - self.layout.sites_nm)
+            self.context.setPositions(self.layout.to_context_frame(how.positions_nm.astype(np.float64)))
+            self.context.setVelocities(how.velocities.reshape(-1, 3).astype(np.float64))
+            self.integrator.setRandomNumberSeed(derive_seed(self.spec.seed, self.index, 1000 + how.restart))
+            self.integrator.setGlobalVariableByName("kstep", 0)
+            return None
+        # fresh: every copy starts from the minimised structure with its own velocities
+        start = np.broadcast_to(self.spec.start_positions_nm, (self.n_copies, self.n_atoms, 3))
+        self.context.setPositions(self.layout.to_context_frame(start))
+        self.context.setVelocitiesToTemperature(self.spec.temperature_K, derive_seed(self.spec.seed, self.index, 1))
+        remaining = self.spec.equilibration_steps
+        while remaining > 0:  # equilibrate frame by frame so the margin guard sees it
+            n = min(remaining, self.spec.steps_per_frame)
+            self.integrator.step(n)
+            remaining -= n
+            self._guard(self._state(positions=True, velocities=True))
+        self.integrator.setGlobalVariableByName("kstep", 0)
+        return self.read_frame(with_coefficients=False)
+
+    # -- running
+    def run(self, n_frames: int) -> Iterator[dict[str, np.ndarray]]:
+        for _ in range(n_frames):
+            self.integrator.step(self.spec.steps_per_frame)
+            yield self.read_frame(with_coefficients=True)
+
+    def read_frame(self, with_coefficients: bool) -> dict[str, np.ndarray]:
+        s = self._state(positions=True, velocities=True, forces=True)
+        self._guard(s)
+        C, A = self.n_copies, self.n_atoms
+        x_file = self.layout.to_file_frame(s["x"])
+        frame = {"positions": x_file, "velocities": s["v"].reshape(C, A, 3),
+                 "forces": s["f"].reshape(C, A, 3), "potential_energy": self.energies(x_file)}
+        if not np.all(np.isfinite(frame["potential_energy"])):
+            raise SimulationError("non-finite potential energy (the run blew up)")
+        if with_coefficients:
+            L = read_coefficients(self.integrator, self.spec.n_coefficients)  # (N, C*A, 3)
+            frame["brownian"] = L.reshape(-1, C, A, 3).transpose(1, 0, 2, 3)
+        return frame
+
+    def _state(self, positions=False, velocities=False, forces=False) -> dict[str, np.ndarray]:
+        st = self.context.getState(getPositions=positions, getVelocities=velocities, getForces=forces)
+        out = {}
+        if positions:
+            out["x"] = np.array(st.getPositions(asNumpy=True)._value)
+        if velocities:
+            out["v"] = np.array(st.getVelocities(asNumpy=True)._value)
+        if forces:
+            out["f"] = np.array(st.getForces(asNumpy=True)._value)
+        return out
+
+    def _guard(self, s: dict[str, np.ndarray]) -> None:
+        if "v" in s:
+            v = s["v"].reshape(self.n_copies, self.n_atoms, 3)
+            if not np.all(np.isfinite(v)):
+                raise SimulationError("non-finite velocities (the run blew up)")
+            m = self.masses.reshape(self.n_copies, self.n_atoms)
+            t_kin = (m[..., None] * v**2).sum((1, 2)) / (3 * self.n_atoms * BOLTZMANN_KJ_MOL_K)
+            if np.any(t_kin > EXPLOSION_FACTOR * self.spec.temperature_K):
+                c = int(np.argmax(t_kin))
+                raise SimulationError(f"copy {c} reached kinetic temperature {t_kin[c]:.0f} K "
+                                      f"(target {self.spec.temperature_K:.0f} K): the run exploded")
+        if self.layout.check_and_recentre(s["x"]):
+            self.context.setPositions(s["x"])
+
+    def checkpoint(self) -> bytes:
+        return self.context.createCheckpoint()
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _drive_groups(spec: RunSpec, groups: list[tuple[int, int, GroupStart]], frames_per_chunk: list[int]):
+    """Generator driving several groups in lock step: yields (group, chunk, frames, checkpoint, error)."""
+    mol = spec.molecule()
+    energies = EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform)
+    live: list[Group] = []
+    for index, n_copies, how in groups:
+        g = Group(spec, index, n_copies, mol, energies)
+        try:
+            first = g.start(how)
+        except SimulationError as exc:
+            yield index, -1, [], None, str(exc)
+            return
+        live.append(g)
+        if first is not None:
+            yield index, -1, [first], g.checkpoint(), None
+    for chunk, n in enumerate(frames_per_chunk):
+        for g in live:
+            frames = []
+            try:
+                for fr in g.run(n):
+                    frames.append(fr)
+            except SimulationError as exc:
+                yield g.index, chunk, frames, None, str(exc)
+                return
+            yield g.index, chunk, frames, g.checkpoint(), None
+
+
+def _worker_main(spec, groups, frames_per_chunk, out_q):  # pragma: no cover - runs in a subprocess
+    try:
+        for item in _drive_groups(spec, groups, frames_per_chunk):
+            out_q.put(item)
+    except BaseException as exc:  # report anything else as a failure of the first group
+        out_q.put((groups[0][0], -2, [], None, f"worker crashed: {type(exc).__name__}: {exc}"))
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: int = 1,
+             time_ps: float = 100.0, frame_fs: float = 100.0, n_coefficients: int = 3,
+             equilibrate_ps: float = 10.0, platform: str = "auto", seed: int | None = None,
+             resume: bool = False, overwrite: bool = False, copies_per_context: int | None = None,
+             workers: int | None = None, chunk_frames: int | None = None, deterministic: bool = False,
+             cutoff_nm: float | None = None, progress: bool = True, **overrides: Any) -> Trajectory:
+    """Simulate ``replicas`` independent Langevin trajectories and record their Brownian paths.
+
+    Parameters
+    ----------
+    system: a built-in name, a PDB path, or a :class:`~molflow.systems.MolecularSystem`.
+    out: the HDF5 file to write (DESIGN.md section 5). Refused if it exists, unless
+        ``resume`` (continue it) or ``overwrite``.
+    replicas: number of independent trajectories R.
+    time_ps: simulated time per replica after equilibration (ps); F = time_ps*1000/frame_fs + 1.
+    frame_fs: interval between saved frames (fs), a multiple of the timestep.
+    n_coefficients: Legendre path coefficients N recorded per interval (0..8).
+    equilibrate_ps: equilibration after minimisation, before frame 0 (ps).
+    platform: ``auto`` (CUDA if usable, else CPU), ``Reference``, ``CPU``, ``CUDA``, ``OpenCL``.
+    seed: master seed; random (printed and recorded) if None.
+    copies_per_context: replicas per OpenMM Context (default: all on a GPU, <= 8 on a CPU).
+    workers: CPU worker processes (default: one per core, at most one per group).
+    chunk_frames: frames per written chunk (default: about 2 s of compute, at most 100 frames).
+    deterministic: ask CUDA for deterministic forces.
+    cutoff_nm: multi-copy nonbonded cutoff (default: from the molecule's size, >= 1.5 nm).
+    overrides: ``temperature_K``, ``friction_per_ps``, ``timestep_fs``, ``forcefield``.
+
+    Returns the :class:`~molflow.trajectory.Trajectory` written.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    mol = system if isinstance(system, MolecularSystem) else load_system(system, **overrides)
+    if isinstance(system, MolecularSystem) and overrides:
+        raise InputError("pass overrides to load_system, not with a MolecularSystem")
+    replicas, n_coefficients = int(replicas), int(n_coefficients)
+    if replicas < 1:
+        raise InputError("replicas must be >= 1")
+    if not 0 <= n_coefficients <= 8:
+        raise InputError("coefficients must be between 0 and 8")
+    if time_ps < 0 or equilibrate_ps < 0:
+        raise InputError("time and equilibration must be >= 0 ps")
+    steps_per_frame = _ratio(frame_fs, mol.timestep_fs, "frame interval", "timestep")
+    n_total_frames = _ratio(time_ps * 1000.0, frame_fs, "run time", "frame interval") + 1
+    platform_name = resolve_platform(platform)
+    on_gpu = platform_name in GPU_PLATFORMS
+    n_cores = os.cpu_count() or 1
+    if copies_per_context:
+        cpc = int(copies_per_context)
+    elif on_gpu:
+        cpc = min(replicas, 1024)
+    else:  # spread replicas over the cores first, then fill groups up to 8 copies
+        cpc = int(min(8, -(-replicas // min(replicas, workers or n_cores))))
+    if platform == "auto" and platform_name == "CPU" and cpc == 1:
+        # measured (benchmarks/md_throughput.py): one 22-atom copy per Context runs ~1.7x faster on
+        # Reference than on the CPU platform; from 8 copies per Context CPU wins.
+        platform_name = "Reference"
+    cutoff = float(cutoff_nm or default_cutoff_nm(mol.positions_nm))
+    group_sizes = [min(cpc, replicas - s) for s in range(0, replicas, cpc)]
+
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    existing = out.exists()
+    if existing and not (resume or overwrite):
+        raise InputError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
+    if resume and existing and _complete_frames(out) == 0:
+        existing = False  # nothing usable: start fresh
+    if resume and existing:
+        with Trajectory(out) as old:
+            a = old.attrs
+        seed = int(a["seed"]) if seed is None else int(seed)
+    else:
+        seed = random_seed() if seed is None else int(seed)
+    if seed <= 0:
+        raise InputError("seed must be a positive integer")
+
+    attrs = {
+        "molflow_version": __version__, "system": mol.name, "fingerprint": mol.fingerprint,
+        "pdb": mol.pdb_text, "forcefield": list(mol.forcefield_files),
+        "temperature_K": mol.temperature_K, "friction_per_ps": mol.friction_per_ps,
+        "timestep_fs": mol.timestep_fs, "frame_interval_fs": float(frame_fs),
+        "n_coefficients": n_coefficients, "n_replicas": replicas, "seed": seed,
+        "platform": platform_name, "copies_per_context": cpc, "equilibration_ps": float(equilibrate_ps),
+        "cutoff_nm": cutoff, "hardware": hardware_description(platform_name),
+        "time_ps_requested": float(time_ps), "kind": "reference_md",
+    }
+    if progress:
+        print(f"molflow simulate: system={mol.name} replicas={replicas} seed={seed} platform={platform_name} "
+              f"copies_per_context={cpc}", file=sys.stderr)
+
+    if resume and existing:
+        with Trajectory(out) as old:
+            a = old.attrs
+            diffs = [f"{k}: file has {a.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
+                     if _differs(a.get(k), attrs[k])]
+            if diffs:
+                raise InputError(f"cannot resume {out}: settings differ ({'; '.join(diffs)})")
+            n_done = old.n_frames
+            last_x = np.asarray(old.positions[:, n_done - 1], dtype=np.float64)
+            last_v = np.asarray(old.velocities[:, n_done - 1], dtype=np.float64)
+            wall_before = float(a.get("wall_clock_s", 0.0))
+            restarts = int(a.get("n_restarts", 0))
+        writer = TrajectoryWriter.open_append(out)
+        starts, used_state = [], False
+        for g, (s, size) in enumerate(zip(_starts(group_sizes), group_sizes)):
+            ck = ckpt_dir / f"group{g:05d}_frame{n_done - 1}.chk"
+            if ck.exists() and a.get("platform") == platform_name:
+                starts.append(GroupStart("checkpoint", checkpoint=ck.read_bytes(), positions_nm=last_x[s:s + size]))
+            else:
+                used_state = True
+                starts.append(GroupStart("state", positions_nm=last_x[s:s + size], velocities=last_v[s:s + size],
+                                         restart=restarts + 1))
+        if used_state:
+            restarts += 1
+            writer.set_attrs(n_restarts=restarts)
+        writer.set_attrs(time_ps_requested=float(time_ps), platform=platform_name,
+                         hardware=attrs["hardware"])
+        start_positions = mol.positions_nm
+    else:
+        if existing:
+            out.unlink()
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        n_done, wall_before, restarts = 0, 0.0, 0
+        start_positions = minimise(mol)
+        attrs["n_restarts"] = 0
+        writer = TrajectoryWriter.create(out, replicas, mol.n_atoms, n_coefficients, attrs,
+                                         chunk_frames=min(chunk_frames or 16, 64))
+        starts = [GroupStart("fresh") for _ in group_sizes]
+    ckpt_dir.mkdir(exist_ok=True)
+
+    spec = RunSpec(pdb_text=mol.pdb_text, forcefield=tuple(mol.forcefield_files), name=mol.name,
+                   temperature_K=mol.temperature_K, friction_per_ps=mol.friction_per_ps,
+                   timestep_fs=mol.timestep_fs, steps_per_frame=steps_per_frame, n_coefficients=n_coefficients,
+                   platform=platform_name, threads=1, deterministic=deterministic, cutoff_nm=cutoff, seed=seed,
+                   equilibration_steps=int(round(equilibrate_ps * 1000.0 / mol.timestep_fs)),
+                   start_positions_nm=start_positions)
+    remaining = max(n_total_frames - max(n_done, 1), 0)
+    if chunk_frames is None:  # ~2 s of compute per chunk (80 us per copy-step on one CPU core)
+        per_frame_s = 8e-5 * steps_per_frame * cpc * (0.05 if on_gpu else 1.0)
+        chunk_frames = int(np.clip(2.0 / max(per_frame_s, 1e-9), 1, 100))
+    chunks = [min(chunk_frames, remaining - s) for s in range(0, remaining, chunk_frames)]
+    dt_frame_ps = frame_fs / 1000.0
+
+    n_workers = 1 if on_gpu else max(1, min(workers or (os.cpu_count() or 1), len(group_sizes)))
+    assignment = [[(g, size, starts[g]) for g, size in enumerate(group_sizes) if g % n_workers == w]
+                  for w in range(n_workers)]
+    try:
+        results = _run_workers(spec, assignment, chunks, n_workers)
+        _consume(results, writer, out, ckpt_dir, group_sizes, replicas, n_done, dt_frame_ps, chunks,
+                 wall_before, t_start, progress, mol.name, steps_per_frame * mol.timestep_fs / 1e6)
+    finally:
+        writer.close()
+    _prune_checkpoints(ckpt_dir, keep=None)
+    return Trajectory(out)
+
+
+def _run_workers(spec, assignment, chunks, n_workers):
+    """Yield worker items; in-process for one worker, else spawned processes feeding a queue."""
+    if n_workers == 1:
+        yield from _drive_groups(spec, assignment[0], chunks)
+        return
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue(maxsize=4 * sum(len(a) for a in assignment))
+    procs = [ctx.Process(target=_worker_main, args=(spec, a, chunks, q), daemon=True) for a in assignment]
+    for p in procs:
+        p.start()
+    try:
+        while True:
+            try:
+                yield q.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    try:
+                        while True:
+                            yield q.get(timeout=0.5)
+                    except queue.Empty:
+                        return
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=5)
+
+
+def _consume(results, writer, out, ckpt_dir, group_sizes, replicas, n_done, dt_frame_ps, chunks,
+             wall_before, t_start, progress, name, frame_ns_per_copy):
+    """Gather each chunk from every group, write it for all replicas, checkpoint, flush."""
+    from tqdm.auto import tqdm
+
+    n_groups = len(group_sizes)
+    offsets = _starts(group_sizes)
+    pending: dict[int, dict[int, tuple]] = {}
+    order = ([-1] if n_done == 0 else []) + list(range(len(chunks)))
+    total_frames = (1 if n_done == 0 else 0) + sum(chunks)
+    bar = tqdm(total=total_frames, unit="frame", disable=not progress, desc=f"simulate {name}",
+               dynamic_ncols=True, file=sys.stderr)
+    t_compute = time.perf_counter()
+    next_frame = n_done
+    error: str | None = None
+    for want in order:
+        while len(pending.get(want, {})) < n_groups and error is None:
+            try:
+                g, chunk, frames, ck, err = next(results)
+            except StopIteration:
+                error = error or "a worker stopped before finishing (killed or crashed)"
+                break
+            if chunk == -2:
+                error = err
+                break
+            pending.setdefault(chunk, {})[g] = (frames, ck, err)
+            if err is not None:
+                error = err
+        got = pending.pop(want, {})
+        n_good = min([len(got[g][0]) if g in got else 0 for g in range(n_groups)])
+        if n_good:
+            _write_chunk(writer, got, offsets, group_sizes, n_good, next_frame, dt_frame_ps)
+            complete = n_good == (1 if want == -1 else chunks[want]) and all(got[g][1] for g in range(n_groups))
+            elapsed = time.perf_counter() - t_start
+            writer.set_attrs(wall_clock_s=wall_before + elapsed)
+            last = next_frame + n_good - 1
+            if complete:
+                for g in range(n_groups):
+                    _atomic_write(ckpt_dir / f"group{g:05d}_frame{last}.chk", got[g][1])
+                _prune_checkpoints(ckpt_dir, keep=last)
+            next_frame += n_good
+            bar.update(n_good)
+            sim_ns = (next_frame - n_done) * frame_ns_per_copy * replicas
+            rate = sim_ns / max(time.perf_counter() - t_compute, 1e-9) * 86400
+            bar.set_postfix_str(f"{rate:.1f} ns/day aggregate")
+        if error is not None:
+            bar.close()
+            raise SimulationError(f"{error}; kept {next_frame} good frames in {out}")
+    bar.close()
+
+
+def _write_chunk(writer, got, offsets, group_sizes, n_good, first_frame, dt_frame_ps):
+    names = ["positions", "velocities", "forces", "potential_energy"]
+    data = {k: np.concatenate([np.stack([fr[k] for fr in got[g][0][:n_good]], 1)
+                               for g in range(len(group_sizes))]) for k in names}
+    frames_with_b = [fr for fr in got[0][0][:n_good] if "brownian" in fr]
+    if frames_with_b:
+        brownian = np.concatenate([np.stack([fr["brownian"] for fr in got[g][0][:n_good]], 1)
+                                   for g in range(len(group_sizes))])
+    else:
+        n_atoms = data["positions"].shape[2]
+        brownian = np.zeros((data["positions"].shape[0], 0, writer._file["brownian"].shape[2], n_atoms, 3))
+    t = (first_frame + np.arange(n_good)) * dt_frame_ps
+    writer.append(t, data["positions"].astype(np.float32), data["velocities"].astype(np.float32),
+                  brownian.astype(np.float32), forces=data["forces"].astype(np.float32),
+                  potential_energy=data["potential_energy"])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def minimise(mol: MolecularSystem, platform: str = "Reference") -> np.ndarray:
+    """Energy-minimised single-molecule positions (nm), deterministic (Reference platform)."""
+    import openmm
+
+    ctx = openmm.Context(mol.create_system("nocutoff"), openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName(platform))
+    ctx.setPositions(mol.positions_nm)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 2000)
+    x = np.array(ctx.getState(getPositions=True).getPositions(asNumpy=True)._value)
+    e = ctx.getState(getEnergy=True).getPotentialEnergy()._value
+    if not np.isfinite(e):
+        raise InputError(f"{mol.name}: minimisation failed (energy {e}); check the structure")
+    return x
+
+
+def available_platforms() -> list[str]:
+    import openmm
+
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def resolve_platform(platform: str) -> str:
+    """``auto`` -> CUDA when OpenMM can use it, else CPU; explicit names are checked."""
+    names = available_platforms()
+    if platform == "auto":
+        for gpu in ("CUDA", "HIP"):
+            if gpu in names and _platform_works(gpu):
+                return gpu
+        if _nvidia_present():
+            print("molflow: a GPU is present but OpenMM cannot use it (install molflow[cuda], i.e. "
+                  "openmm-cuda-13); running on the CPU platform", file=sys.stderr)
+        return "CPU" if "CPU" in names else "Reference"
+    if platform not in names:
+        raise InputError(f"OpenMM platform {platform!r} is not available here (available: {names})")
+    return platform
+
+
+def hardware_description(platform: str) -> str:
+    if platform in GPU_PLATFORMS:
+        try:
+            import subprocess
+
+            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+            return f"{platform}: {name}"
+        except Exception:
+            return platform
+    cpu = _platform.processor() or _platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform}: {cpu} ({os.cpu_count()} cores)"
+
+
+def _platform_works(name: str) -> bool:
+    import openmm
+
+    try:
+        sys_ = openmm.System()
+        sys_.addParticle(1.0)
+        openmm.Context(sys_, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(name))
+        return True
+    except Exception:
+        return False
+
+
+def _nvidia_present() -> bool:
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _platform_obj(name: str):
+    import openmm
+
+    return openmm.Platform.getPlatformByName(name)
+
+
+def _platform_props(name: str, threads: int, deterministic: bool) -> dict[str, str]:
+    if name == "CPU":
+        return {"Threads": str(threads)}
+    if name == "CUDA":
+        props = {"Precision": "mixed"}
+        if deterministic:
+            props["DeterministicForces"] = "true"
+        return props
+    if name == "OpenCL":
+        return {"Precision": "mixed"}
+    return {}
+
+
+def _ratio(a: float, b: float, what_a: str, what_b: str) -> int:
+    r = a / b
+    if abs(r - round(r)) > 1e-6 or round(r) < (0 if "time" in what_a else 1):
+        raise InputError(f"the {what_a} ({a:g} fs) must be a whole multiple of the {what_b} ({b:g} fs)")
+    return int(round(r))
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return list(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int))
+
+
+def _differs(a, b) -> bool:
+    if isinstance(b, float) or isinstance(a, float):
+        try:
+            return abs(float(a) - float(b)) > 1e-9
+        except (TypeError, ValueError):
+            return True
+    return a != b
+
+
+def _complete_frames(path: Path) -> int:
+    try:
+        with Trajectory(path) as t:
+            return t.n_frames
+    except Exception:
+        return 0
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
+    """Delete checkpoints of frames other than ``keep`` (all but the newest frame if None)."""
+    if not ckpt_dir.is_dir():
+        return
+    files = list(ckpt_dir.glob("group*_frame*.chk"))
+    frames = {int(f.stem.split("_frame")[1]) for f in files}
+    if keep is None and frames:
+        keep = max(frames)
+    for f in files:
+        if int(f.stem.split("_frame")[1]) != keep:
+            f.unlink(missing_ok=True)
+
+
+def read_run_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings recorded in a run file (for ``molflow info``)."""
+    with Trajectory(path) as t:
+        return json.loads(json.dumps(t.attrs, default=str))

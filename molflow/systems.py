@@ -1,0 +1,358 @@
+"""Molecular systems: a PDB, force-field files and the Langevin settings.
+
+A system is everything the engine needs to simulate one molecule: the OpenMM topology and
+single-molecule ``System`` (NoCutoff, no constraints, no centre-of-mass motion remover), masses
+(amu), temperature (K), friction (1/ps), timestep (fs) and the force-field files. Built-in systems
+live in the repository's ``systems/`` folder (``systems/<name>/system.yaml`` + a PDB); any PDB path
+of a capped or zwitterionic peptide works with the default force field.
+
+    >>> from molflow import load_system
+    >>> system = load_system("alanine_dipeptide")
+    >>> system.n_atoms
+    22
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import InputError
+
+DEFAULT_FORCEFIELD: tuple[str, ...] = ("amber99sbildn.xml", "amber99_obc.xml")
+DEFAULT_SETTINGS: dict[str, float] = {
+    "temperature_K": 300.0,
+    "friction_per_ps": 1.0,
+    "timestep_fs": 1.0,
+}
+#: Force classes the engine knows how to replicate into a multi-copy System.
+SUPPORTED_FORCES = frozenset(
+    {
+        "HarmonicBondForce",
+        "HarmonicAngleForce",
+        "PeriodicTorsionForce",
+        "NonbondedForce",
+        "GBSAOBCForce",
+        "CustomGBForce",
+        "CMAPTorsionForce",
+        "CustomTorsionForce",
+    }
+)
+OVERRIDABLE = ("temperature_K", "friction_per_ps", "timestep_fs", "forcefield")
+
+
+def systems_dir() -> Path:
+    """The folder holding the built-in systems (``$MOLFLOW_SYSTEMS`` overrides it)."""
+    env = os.environ.get("MOLFLOW_SYSTEMS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "systems"
+
+
+def builtin_systems() -> list[str]:
+    """Names of the built-in systems (folders of ``systems/`` with a ``system.yaml``)."""
+    root = systems_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob("*/system.yaml"))
+
+
+@dataclasses.dataclass
+class MolecularSystem:
+    """One molecule and its simulation settings.
+
+    Attributes
+    ----------
+    name: system name (built-in name or the PDB file's stem).
+    pdb_text: the PDB text of one molecule (recorded in every output file).
+    topology: OpenMM ``Topology`` of one molecule.
+    positions_nm: (A, 3) reference coordinates in nm.
+    forcefield_files: OpenMM force-field XML files.
+    temperature_K, friction_per_ps, timestep_fs: Langevin settings.
+    system: single-molecule OpenMM ``System`` (NoCutoff, no constraints, no CMMotionRemover).
+    masses_amu: (A,) atomic masses in amu.
+    """
+
+    name: str
+    pdb_text: str
+    topology: Any
+    positions_nm: np.ndarray
+    forcefield_files: tuple[str, ...]
+    temperature_K: float
+    friction_per_ps: float
+    timestep_fs: float
+    system: Any
+    masses_amu: np.ndarray
+    description: str = ""
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions_nm.shape[0])
+
+    @property
+    def kT_kj_mol(self) -> float:
+        """Thermal energy k_B T in kJ/mol."""
+        return float(0.0083144626181532 * self.temperature_K)
+
+    @property
+    def elements(self) -> list[str]:
+        return [a.element.symbol if a.element is not None else "X" for a in self.topology.atoms()]
+
+    @property
+    def heavy_atoms(self) -> np.ndarray:
+        """Indices of non-hydrogen atoms."""
+        return np.array([i for i, e in enumerate(self.elements) if e != "H"], dtype=int)
+
+    @property
+    def bonds(self) -> np.ndarray:
+        """(n_bonds, 2) atom index pairs from the topology."""
+        return np.array([(b[0].index, b[1].index) for b in self.topology.bonds()], dtype=int)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "system_name": self.name,
+            "forcefield": list(self.forcefield_files),
+            "temperature_K": float(self.temperature_K),
+            "friction_per_ps": float(self.friction_per_ps),
+            "timestep_fs": float(self.timestep_fs),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what defines the physics: atoms and bonds, force field and settings."""
+        h = hashlib.sha256()
+        for atom in self.topology.atoms():
+            h.update(f"{atom.residue.name}:{atom.name};".encode())
+        for a, b in self.bonds:
+            h.update(f"{a}-{b};".encode())
+        h.update(repr(sorted(self.settings.items())).encode())
+        return h.hexdigest()[:16]
+
+    def create_system(self, nonbonded: str = "nocutoff", cutoff_nm: float = 1.5, topology=None):
+        """A fresh OpenMM ``System`` for this molecule (or for ``topology``, e.g. many copies).
+
+        ``nonbonded="nocutoff"`` gives the reference single-molecule system; ``"cutoff"`` a
+        non-periodic cutoff at ``cutoff_nm`` with plain truncated Coulomb (reaction-field
+        dielectric 1), used for non-interacting multi-copy systems (DESIGN.md section 4).
+        """
+        return _create_system(
+            _load_forcefield(self.forcefield_files),
+            topology if topology is not None else self.topology,
+            nonbonded,
+            cutoff_nm,
+        )
+
+    def dihedral_indices(self) -> dict[str, np.ndarray]:
+        """Backbone phi/psi atom quadruples per residue, from the topology (0-based).
+
+        Returns ``{"phi": (n, 4), "psi": (n, 4), "residues": [...]}`` for residues that have both.
+        """
+        atoms = list(self.topology.atoms())
+        by_res: dict[int, dict[str, int]] = {}
+        for a in atoms:
+            by_res.setdefault(a.residue.index, {})[a.name] = a.index
+        residues = list(self.topology.residues())
+        phi, psi, names = [], [], []
+        for i, res in enumerate(residues):
+            cur = by_res[res.index]
+            if not all(k in cur for k in ("N", "CA", "C")):
+                continue
+            prev = by_res[residues[i - 1].index] if i > 0 else {}
+            nxt = by_res[residues[i + 1].index] if i + 1 < len(residues) else {}
+            if "C" in prev and "N" in nxt:
+                phi.append([prev["C"], cur["N"], cur["CA"], cur["C"]])
+                psi.append([cur["N"], cur["CA"], cur["C"], nxt["N"]])
+                names.append(f"{res.name}{res.id}")
+        return {"phi": np.array(phi, dtype=int).reshape(-1, 4),
+                "psi": np.array(psi, dtype=int).reshape(-1, 4), "residues": names}
+
+    def central_dihedrals(self) -> tuple[np.ndarray, np.ndarray]:
+        """The central residue's (phi, psi) quadruples (alanine dipeptide: (4,6,8,14), (6,8,14,16))."""
+        d = self.dihedral_indices()
+        if len(d["phi"]) == 0:
+            raise InputError(f"system {self.name!r} has no backbone phi/psi dihedral")
+        c = (len(d["phi"]) - 1) // 2
+        return d["phi"][c], d["psi"][c]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_system(name_or_pdb: str | os.PathLike, **overrides: Any) -> MolecularSystem:
+    """Load a built-in system by name or any peptide PDB file.
+
+    Parameters
+    ----------
+    name_or_pdb:
+        a built-in name (see :func:`builtin_systems`), a folder with ``system.yaml``, or a PDB path.
+    overrides:
+        ``temperature_K``, ``friction_per_ps``, ``timestep_fs``, ``forcefield`` (list of XML files).
+
+    Raises
+    ------
+    InputError
+        with a message naming the problem: missing file, unparsable PDB, missing hydrogens,
+        a residue without a template, an unsupported force-field file or force.
+    """
+    unknown = set(overrides) - set(OVERRIDABLE)
+    if unknown:
+        raise InputError(f"unknown system setting(s) {sorted(unknown)}; allowed: {list(OVERRIDABLE)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    spec: dict[str, Any] = {}
+    text = str(name_or_pdb)
+    path = Path(text)
+    builtin = systems_dir() / text / "system.yaml"
+    if "/" not in text and not text.lower().endswith(".pdb") and builtin.is_file():
+        spec, pdb_path = _read_spec(builtin)
+    elif path.is_dir() and (path / "system.yaml").is_file():
+        spec, pdb_path = _read_spec(path / "system.yaml")
+    elif path.is_file():
+        pdb_path = path
+        spec = {"name": path.stem}
+    else:
+        names = ", ".join(builtin_systems()) or "none found"
+        raise InputError(f"no such system or PDB file: {text!r} (built-in systems: {names})")
+
+    settings = {**DEFAULT_SETTINGS, **{k: spec[k] for k in DEFAULT_SETTINGS if k in spec}}
+    ff_files = tuple(spec.get("forcefield", DEFAULT_FORCEFIELD))
+    for key in DEFAULT_SETTINGS:
+        if key in overrides:
+            settings[key] = float(overrides[key])
+    if "forcefield" in overrides:
+        ff = overrides["forcefield"]
+        ff_files = tuple([ff] if isinstance(ff, str) else ff)
+    for key, value in settings.items():
+        if not np.isfinite(value) or value <= 0:
+            raise InputError(f"{key} must be a positive number, got {value}")
+
+    pdb_text = _read_text(pdb_path)
+    topology, positions = _parse_pdb(pdb_text, pdb_path)
+    forcefield = _load_forcefield(ff_files)
+    _check_templates(forcefield, topology, pdb_path)
+    system = _create_system(forcefield, topology, "nocutoff", 1.5)
+    masses = np.array([system.getParticleMass(i)._value for i in range(system.getNumParticles())])
+    if np.any(masses <= 0):
+        raise InputError(f"{pdb_path}: massless particles (virtual sites) are not supported")
+    return MolecularSystem(
+        name=str(spec.get("name", Path(pdb_path).stem)),
+        pdb_text=pdb_text,
+        topology=topology,
+        positions_nm=positions,
+        forcefield_files=ff_files,
+        system=system,
+        masses_amu=masses,
+        description=str(spec.get("description", "")),
+        **settings,
+    )
+
+
+def system_from_pdb_text(pdb_text: str, forcefield_files, temperature_K: float,
+                         friction_per_ps: float, timestep_fs: float, name: str) -> MolecularSystem:
+    """Rebuild a system from what an output file or checkpoint records (PDB text + settings)."""
+    topology, positions = _parse_pdb(pdb_text, name)
+    forcefield = _load_forcefield(tuple(forcefield_files))
+    system = _create_system(forcefield, topology, "nocutoff", 1.5)
+    masses = np.array([system.getParticleMass(i)._value for i in range(system.getNumParticles())])
+    return MolecularSystem(name=name, pdb_text=pdb_text, topology=topology, positions_nm=positions,
+                           forcefield_files=tuple(forcefield_files), temperature_K=float(temperature_K),
+                           friction_per_ps=float(friction_per_ps), timestep_fs=float(timestep_fs),
+                           system=system, masses_amu=masses)
+
+
+def _read_spec(yaml_path: Path) -> tuple[dict[str, Any], Path]:
+    try:
+        spec = yaml.safe_load(yaml_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{yaml_path}: not valid YAML ({exc})") from None
+    pdb = yaml_path.parent / spec.get("pdb", "structure.pdb")
+    spec.setdefault("name", yaml_path.parent.name)
+    return spec, pdb
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        raise InputError(f"PDB file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read PDB file {path}: {exc}") from None
+
+
+def _parse_pdb(pdb_text: str, origin) -> tuple[Any, np.ndarray]:
+    from openmm import app
+
+    if not any(line.startswith(("ATOM", "HETATM")) for line in pdb_text.splitlines()):
+        raise InputError(f"{origin}: not a PDB file (no ATOM/HETATM records)")
+    try:
+        pdb = app.PDBFile(io.StringIO(pdb_text))
+    except Exception as exc:  # OpenMM raises bare Exceptions/ValueErrors for many defects
+        raise InputError(f"{origin}: could not parse PDB ({type(exc).__name__}: {exc})") from None
+    positions = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)
+    if positions.shape[0] == 0:
+        raise InputError(f"{origin}: the PDB has no atoms")
+    if not np.all(np.isfinite(positions)):
+        raise InputError(f"{origin}: the PDB has non-finite coordinates")
+    if pdb.topology.getNumChains() > 1:
+        raise InputError(f"{origin}: one molecule per PDB please (found {pdb.topology.getNumChains()} chains)")
+    return pdb.topology, positions
+
+
+def _load_forcefield(files: tuple[str, ...]):
+    from openmm import app
+
+    for f in files:
+        if not str(f).endswith(".xml"):
+            raise InputError(f"unsupported force-field file {f!r}: OpenMM XML force fields only")
+    try:
+        return app.ForceField(*files)
+    except Exception as exc:
+        raise InputError(f"cannot load force field {list(files)}: {exc}") from None
+
+
+def _check_templates(forcefield, topology, origin) -> None:
+    unmatched = forcefield.getUnmatchedResidues(topology)
+    if not unmatched:
+        return
+    n_h = sum(1 for a in topology.atoms() if a.element is not None and a.element.symbol == "H")
+    res = unmatched[0]
+    label = f"{res.name}{res.id}"
+    if n_h == 0:
+        raise InputError(
+            f"{origin}: the structure has no hydrogens (residue {label} matches no template); "
+            "add them first, e.g. openmm.app.Modeller(top, pos).addHydrogens(forcefield) or pdbfixer"
+        )
+    names = ", ".join(sorted({f"{r.name}{r.id}" for r in unmatched}))
+    raise InputError(
+        f"{origin}: residue(s) {names} match no template of the force field "
+        "(unknown residue, missing or extra atoms, or missing hydrogens)"
+    )
+
+
+def _create_system(forcefield, topology, nonbonded: str, cutoff_nm: float):
+    import openmm
+    from openmm import app, unit
+
+    method = {"nocutoff": app.NoCutoff, "cutoff": app.CutoffNonPeriodic}[nonbonded]
+    kwargs = {"nonbondedCutoff": cutoff_nm * unit.nanometer} if nonbonded == "cutoff" else {}
+    try:
+        system = forcefield.createSystem(
+            topology, nonbondedMethod=method, constraints=None, rigidWater=False,
+            removeCMMotion=False, **kwargs,
+        )
+    except Exception as exc:
+        raise InputError(f"force field cannot build a system: {exc}") from None
+    for force in system.getForces():
+        kind = type(force).__name__
+        if kind not in SUPPORTED_FORCES:
+            raise InputError(f"unsupported force {kind} (supported: {sorted(SUPPORTED_FORCES)})")
+        if isinstance(force, openmm.NonbondedForce) and nonbonded == "cutoff":
+            force.setReactionFieldDielectric(1.0)
+            force.setUseDispersionCorrection(False)
+    return system

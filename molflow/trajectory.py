@@ -106,7 +106,8 @@ class Trajectory:
         if not self.path.exists():
             raise InputError(f"no such trajectory file: {self.path}")
         try:
-            self._file = h5py.File(self.path, "r")
+            # no file lock: a running simulation can be read; only complete frames are exposed
+            self._file = h5py.File(self.path, "r", locking=False)
         except OSError as exc:
             raise InputError(f"{self.path} is not a readable HDF5 file ({exc})") from None
         if self._file.attrs.get("format") != FORMAT_NAME:

@@ -446,7 +446,7 @@ def _consume(results, writer, out, ckpt_dir, group_sizes, replicas, n_done, dt_f
     total_frames = (1 if n_done == 0 else 0) + sum(chunks)
     bar = tqdm(total=total_frames, unit="frame", disable=not progress, desc=f"simulate {name}",
                dynamic_ncols=True, file=sys.stderr)
-    t_compute = time.perf_counter()
+    t_steady, f_steady = None, n_done
     next_frame = n_done
     error: str | None = None
     for want in order:
@@ -476,9 +476,14 @@ def _consume(results, writer, out, ckpt_dir, group_sizes, replicas, n_done, dt_f
                 _prune_checkpoints(ckpt_dir, keep=last)
             next_frame += n_good
             bar.update(n_good)
-            sim_ns = (next_frame - n_done) * frame_ns_per_copy * replicas
-            rate = sim_ns / max(time.perf_counter() - t_compute, 1e-9) * 86400
-            bar.set_postfix_str(f"{rate:.1f} ns/day aggregate")
+            now = time.perf_counter()
+            if t_steady is None:  # steady state starts once the first chunk is written
+                t_steady, f_steady = now, next_frame
+            elif next_frame > f_steady:
+                sim_ns = (next_frame - f_steady) * frame_ns_per_copy * replicas
+                rate = sim_ns / max(now - t_steady, 1e-9) * 86400
+                writer.set_attrs(throughput_ns_per_day=rate)
+                bar.set_postfix_str(f"{rate:.1f} ns/day aggregate")
         if error is not None:
             bar.close()
             raise SimulationError(f"{error}; kept {next_frame} good frames in {out}")

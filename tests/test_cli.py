@@ -1,0 +1,59 @@
+"""The command line: help, version, one-line errors with non-zero exit codes, a real run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from molflow.cli import EXIT_INPUT, main
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "molflow.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [[], ["simulate"], ["info"], ["quickstart"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, "--help"])
+    assert exc.value.code == 0
+    assert "usage: molflow" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("molflow ")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["simulate", "no_such_molecule", "--out", "{tmp}/x.h5"], "no such system or PDB file"),
+    (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--coefficients", "9"], "between 0 and 8"),
+    (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--platform", "Quantum"], "not available"),
+    (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--executor", "dask"], "not available"),
+    (["info", "{tmp}/missing.h5"], "no such trajectory file"),
+    (["info", "{tmp}/not_hdf5.h5"], "not a readable HDF5 file"),
+])
+def test_bad_input_one_line_error(tmp_path, capsys, args, message):
+    (tmp_path / "not_hdf5.h5").write_text("hello")
+    code = main(["--quiet", *[a.format(tmp=tmp_path) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_INPUT
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("molflow ")
+
+
+def test_simulate_and_info_subprocess(tmp_path):
+    out = tmp_path / "cli.h5"
+    r = _run("simulate", "alanine_dipeptide", "--out", str(out), "--replicas", "2", "--time-ps", "0.3",
+             "--frame-fs", "50", "--equilibrate-ps", "0.1", "--coefficients", "2")
+    assert r.returncode == 0, r.stderr
+    assert "seed=" in r.stderr  # the random default seed is printed
+    r = _run("simulate", "alanine_dipeptide", "--out", str(out))
+    assert r.returncode == EXIT_INPUT and "exists" in r.stderr
+    r = _run("info", str(out), "--json")
+    info = json.loads(r.stdout)
+    assert info["replicas"] == 2 and info["frames"] == 7 and info["n_coefficients"] == 2
+    assert info["datasets"]["brownian"] == [2, 6, 2, 22, 3]
+    assert info["seed"] > 0

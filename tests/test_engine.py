@@ -1,0 +1,232 @@
+"""The engine end to end: file contract, reproducibility, multi-copy parity, crashes and resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import openmm
+import pytest
+
+import molflow
+from molflow import InputError, SimulationError, Trajectory
+from molflow.md.engine import EnergyEvaluator
+from molflow.md.multicopy import make_layout, multicopy_system
+
+DATASETS = ("positions", "velocities", "forces", "potential_energy", "brownian", "time")
+
+
+def test_file_contract(small_run, ala2):
+    with Trajectory(small_run) as t:
+        R, F, A, N = 3, 21, 22, 3  # 2 ps at 100 fs -> 21 frames
+        assert (t.n_replicas, t.n_frames, t.n_atoms) == (R, F, A)
+        assert t.positions.shape == (R, F, A, 3) and t.positions.dtype == np.float32
+        assert t.velocities.shape == (R, F, A, 3) and t.forces.shape == (R, F, A, 3)
+        assert t.potential_energy.shape == (R, F) and t.potential_energy.dtype == np.float64
+        assert t.brownian.shape == (R, F - 1, N, A, 3) and t.brownian.dtype == np.float32
+        np.testing.assert_allclose(t.time, np.arange(F) * 0.1)
+        a = t.attrs
+        for key in ("molflow_version", "system", "pdb", "forcefield", "temperature_K", "friction_per_ps",
+                    "timestep_fs", "frame_interval_fs", "n_coefficients", "seed", "platform",
+                    "copies_per_context", "equilibration_ps", "hardware", "wall_clock_s"):
+            assert key in a, key
+        assert a["seed"] == 1234 and a["copies_per_context"] == 3 and a["wall_clock_s"] > 0
+        assert a["forcefield"] == ["amber99sbildn.xml", "amber99_obc.xml"]
+        # recorded energies are the single-molecule NoCutoff energies of each copy's frame
+        energy = EnergyEvaluator(ala2, "Reference")
+        x = np.asarray(t.positions[:, 5], dtype=np.float64)
+        np.testing.assert_allclose(energy(x), t.potential_energy[:, 5], atol=0.05)  # float32 positions
+        # replicas are independent trajectories
+        assert not np.allclose(t.positions[0, -1], t.positions[1, -1], atol=1e-2)
+
+
+def test_trajectory_api(small_run):
+    with Trajectory(small_run) as t:
+        md = t.to_mdtraj(1)
+        assert md.n_frames == t.n_frames and md.n_atoms == 22
+        np.testing.assert_array_equal(md.xyz, t.positions[1])
+        seen = []
+        for sl, chunk in t.iter_chunks(frames=8):
+            seen.append(sl.stop - sl.start)
+            assert chunk["positions"].shape[1] == sl.stop - sl.start
+            assert chunk["brownian"].shape[1] == (sl.stop - sl.start) - (1 if sl.start == 0 else 0)
+        assert seen == [8, 8, 5]
+        assert t.positions[:, [3, 1]].shape == (3, 2, 22, 3)
+        np.testing.assert_array_equal(t.positions[0, -1], t.positions[0, t.n_frames - 1])
+        with pytest.raises(IndexError):
+            t.positions[0, t.n_frames]
+        assert "alanine_dipeptide" in repr(t)
+
+
+def test_same_seed_same_layout_is_reproducible(tmp_path, small_run):
+    again = molflow.simulate("alanine_dipeptide", tmp_path / "again.h5", replicas=3, time_ps=2.0,
+                             frame_fs=100.0, n_coefficients=3, equilibrate_ps=0.5, seed=1234,
+                             progress=False, platform="CPU", workers=1)
+    with Trajectory(small_run) as ref:
+        for name in DATASETS:
+            np.testing.assert_array_equal(np.asarray(getattr(ref, name)), np.asarray(getattr(again, name)), name)
+    again.close()
+
+
+def test_multicopy_forces_and_energies_equal_single_molecule(ala2, small_run):
+    """Each copy's forces equal the NoCutoff single-molecule forces; energies differ by a constant."""
+    with Trajectory(small_run) as t:
+        confs = np.asarray(t.positions[:, -1], dtype=np.float64)  # 3 different conformations
+    C = len(confs)
+    layout = make_layout(C, ala2.positions_nm, 1.5)
+    ref = openmm.Platform.getPlatformByName("Reference")
+    multi = openmm.Context(multicopy_system(ala2, C, 1.5), openmm.VerletIntegrator(0.001), ref)
+    multi.setPositions(layout.to_context_frame(confs))
+    s = multi.getState(getForces=True, getEnergy=True)
+    f_multi = np.array(s.getForces(asNumpy=True)._value).reshape(C, 22, 3)
+    single = EnergyEvaluator(ala2, "Reference")
+    one_cut = openmm.Context(ala2.create_system("cutoff", 1.5), openmm.VerletIntegrator(0.001), ref)
+    shifts = []
+    for c in range(C):
+        np.testing.assert_allclose(f_multi[c], single.forces(confs[c]), atol=1e-8, rtol=0)
+        one_cut.setPositions(confs[c])
+        shifts.append(one_cut.getState(getEnergy=True).getPotentialEnergy()._value - single(confs[c]))
+    np.testing.assert_allclose(shifts, shifts[0], atol=1e-8)  # a constant, whatever the conformation
+    assert abs(shifts[0]) > 1.0  # the reaction-field shift is real (DESIGN.md: -25.7 kJ/mol)
+    e_multi = s.getPotentialEnergy()._value
+    np.testing.assert_allclose(e_multi, sum(single(confs[c]) for c in range(C)) + C * shifts[0], atol=1e-6)
+
+
+def test_recentring_keeps_file_positions_continuous(ala2):
+    layout = make_layout(2, ala2.positions_nm, 1.5)
+    x = layout.to_context_frame(np.stack([ala2.positions_nm, ala2.positions_nm]))
+    x[:22] += np.array([0.8, -1.2, 0.1])  # copy 0 drifted
+    before = layout.to_file_frame(x.copy())
+    assert layout.check_and_recentre(x)
+    np.testing.assert_allclose(layout.to_file_frame(x), before, atol=1e-12)
+    dev = x[:22].mean(0) - layout.sites_nm[0]
+    assert np.all(np.abs(dev) <= 0.5 + 1e-9)
+    x[22:] *= 3.0  # copy 1 blows up past the margin
+    with pytest.raises(SimulationError, match="copy 1 grew"):
+        layout.check_and_recentre(x)
+
+
+def test_explosion_stops_with_clear_error_and_keeps_good_frames(tmp_path):
+    out = tmp_path / "boom.h5"
+    with pytest.raises(SimulationError, match="exploded|blew up|grew") as err:
+        molflow.simulate("alanine_dipeptide", out, replicas=2, time_ps=0.07, frame_fs=7, equilibrate_ps=0,
+                         seed=3, timestep_fs=3.5, progress=False, workers=1)  # 3.5 fs: H atoms unstable
+    assert "good frames" in str(err.value)
+    with Trajectory(out) as t:
+        assert 1 <= t.n_frames < 11
+        assert np.all(np.isfinite(t.positions[...])) and np.all(np.isfinite(t.potential_energy[...]))
+
+
+def test_existing_output_refused_and_resume_settings_checked(small_run, tmp_path):
+    with pytest.raises(InputError, match="exists: pass --resume"):
+        molflow.simulate("alanine_dipeptide", small_run, replicas=3, time_ps=2.0, progress=False)
+    with pytest.raises(InputError, match="settings differ.*n_coefficients"):
+        molflow.simulate("alanine_dipeptide", small_run, replicas=3, time_ps=2.0, frame_fs=100.0,
+                         n_coefficients=4, equilibrate_ps=0.5, resume=True, progress=False,
+                         platform="CPU", workers=1)
+    with pytest.raises(InputError, match="whole multiple"):
+        molflow.simulate("alanine_dipeptide", tmp_path / "x.h5", frame_fs=2.5, progress=False)
+
+
+def test_resume_of_missing_file_starts_fresh(tmp_path):
+    t = molflow.simulate("alanine_dipeptide", tmp_path / "new.h5", replicas=1, time_ps=0.2, frame_fs=100,
+                         equilibrate_ps=0.1, seed=8, resume=True, progress=False)
+    assert t.n_frames == 3
+    t.close()
+
+
+RUNS = {  # Reference reloads an OpenMM checkpoint bit-exactly; the CPU platform to ~1e-7 nm
+    "Reference": dict(replicas=2, time_ps=6.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=77,
+                      platform="Reference", copies_per_context=1, workers=1, chunk_frames=5),
+    "CPU": dict(replicas=2, time_ps=8.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=78,
+                platform="CPU", workers=1, chunk_frames=5),
+}
+RUN = RUNS["Reference"]
+
+
+def _launch(out, run):
+    code = f"import molflow; molflow.simulate('alanine_dipeptide', {str(out)!r}, progress=False, **{run!r})"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _frames(path):
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return int(f.attrs.get("n_frames", 0))
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = {}
+    for name, run in RUNS.items():
+        out[name] = tmp_path_factory.mktemp("resume") / f"full_{name}.h5"
+        molflow.simulate("alanine_dipeptide", out[name], progress=False, **run).close()
+    return out
+
+
+@pytest.mark.parametrize("platform,kill_seed", [("Reference", 0), ("Reference", 1), ("CPU", 2)])
+def test_sigkill_then_resume(tmp_path, uninterrupted, platform, kill_seed):
+    """Kill a run at a random moment (SIGKILL) and resume it.
+
+    Frames written before the kill stay bit-identical; the file is valid at every moment; on
+    Reference the resumed run equals the uninterrupted one bit for bit, on CPU to float rounding
+    at the first resumed frames (chaos amplifies the 1e-7 nm reload difference later on).
+    """
+    run = RUNS[platform]
+    rng = np.random.default_rng(kill_seed)
+    out = tmp_path / "killed.h5"
+    proc = _launch(out, run)
+    deadline = time.time() + 120
+    while _frames(out) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _frames(out)
+    with Trajectory(out) as t:  # the file opens and its complete frames are readable
+        assert t.n_frames == killed_at and np.all(np.isfinite(t.positions[...]))
+        before = {name: np.asarray(getattr(t, name)) for name in DATASETS}
+    total = int(run["time_ps"] * 1000 / run["frame_fs"]) + 1
+    assert 2 <= killed_at < total, "the kill missed the run: adjust its length"
+    resumed = molflow.simulate("alanine_dipeptide", out, resume=True, progress=False, **run)
+    assert resumed.attrs["n_restarts"] == 0  # continued from the OpenMM checkpoint
+    with Trajectory(uninterrupted[platform]) as ref:
+        assert resumed.n_frames == ref.n_frames == total
+        for name in DATASETS:
+            full, got = np.asarray(getattr(ref, name)), np.asarray(getattr(resumed, name))
+            k = before[name].shape[0 if name == "time" else 1]
+            np.testing.assert_array_equal(before[name], (got[:k] if name == "time" else got[:, :k]), name)
+            if platform == "Reference":
+                np.testing.assert_array_equal(full, got, name)
+        if platform == "CPU":
+            np.testing.assert_allclose(resumed.positions[:, killed_at], ref.positions[:, killed_at], atol=1e-5)
+    resumed.close()
+
+
+def test_resume_without_checkpoint_continues_from_last_frame(tmp_path, uninterrupted):
+    out = tmp_path / "partial.h5"
+    short = {**RUN, "time_ps": 1.0}
+    molflow.simulate("alanine_dipeptide", out, progress=False, **short).close()
+    import shutil
+
+    shutil.rmtree(str(out) + ".ckpt")  # e.g. a checkpoint from another OpenMM version/platform
+    resumed = molflow.simulate("alanine_dipeptide", out, resume=True, progress=False, **RUN)
+    n_short = int(1000 / RUN["frame_fs"]) + 1
+    with Trajectory(uninterrupted["Reference"]) as ref:
+        assert resumed.n_frames == ref.n_frames
+        np.testing.assert_array_equal(ref.positions[:, :n_short], resumed.positions[:, :n_short])
+        # later frames continue from the last frame's state with a derived seed: a different path
+        assert not np.array_equal(ref.positions[:, -1], resumed.positions[:, -1])
+        # continuous across the restart: the step over the restart is no larger than the largest
+        # step between consecutive frames of the uninterrupted run (same 20 fs spacing)
+        steps = np.abs(np.diff(np.asarray(ref.positions), axis=1)).max()
+    assert resumed.attrs["n_restarts"] == 1
+    x = np.asarray(resumed.positions[:, n_short - 1: n_short + 1])
+    assert np.abs(x[:, 1] - x[:, 0]).max() <= steps
+    resumed.close()

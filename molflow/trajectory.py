@@ -278,8 +278,9 @@ class TrajectoryWriter:
         if energies:
             f.create_dataset("potential_energy", shape=(R, 0), maxshape=(R, None), dtype="f8",
                              chunks=(R, max(c, 64)))
-        f.create_dataset("brownian", shape=(R, 0, N, A, 3), maxshape=(R, None, N, A, 3), dtype="f4",
-                         chunks=(1, c, max(N, 1), A, 3))
+        # N = 0 (nothing recorded): HDF5 chunks need every extent >= 1, so that axis stays resizable
+        f.create_dataset("brownian", shape=(R, 0, N, A, 3), maxshape=(R, None, N if N else None, A, 3),
+                         dtype="f4", chunks=(1, c, max(N, 1), A, 3))
         f.create_dataset("time", shape=(0,), maxshape=(None,), dtype="f8", chunks=(max(c, 256),))
         f.flush()
         return cls(f)

@@ -57,3 +57,13 @@ def test_simulate_and_info_subprocess(tmp_path):
     assert info["replicas"] == 2 and info["frames"] == 7 and info["n_coefficients"] == 2
     assert info["datasets"]["brownian"] == [2, 6, 2, 22, 3]
     assert info["seed"] > 0
+
+
+def test_quickstart_small(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet", "quickstart", "--small", "--seed", "3"]) == 0
+    out = tmp_path / "molflow-quickstart"  # everything under the folder of the current directory
+    report = (out / "report.md").read_text()
+    assert "ramachandran.png" in report and (out / "ramachandran.png").stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 21 and summary["seed"] == 3

@@ -132,6 +132,13 @@ def test_existing_output_refused_and_resume_settings_checked(small_run, tmp_path
         molflow.simulate("alanine_dipeptide", tmp_path / "x.h5", frame_fs=2.5, progress=False)
 
 
+def test_no_recording(tmp_path):
+    t = molflow.simulate("alanine_dipeptide", tmp_path / "n0.h5", replicas=2, time_ps=0.3, frame_fs=100,
+                         n_coefficients=0, equilibrate_ps=0.1, seed=8, progress=False)
+    assert t.brownian.shape == (2, 3, 0, 22, 3) and t.n_frames == 4
+    t.close()
+
+
 def test_resume_of_missing_file_starts_fresh(tmp_path):
     t = molflow.simulate("alanine_dipeptide", tmp_path / "new.h5", replicas=1, time_ps=0.2, frame_fs=100,
                          equilibrate_ps=0.1, seed=8, resume=True, progress=False)

@@ -37,6 +37,11 @@ from .integrator import BOLTZMANN_KJ_MOL_K, read_coefficients, recording_integra
 from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
 
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
+# On CPU-only hosts, `auto` runs molecules up to this size as one copy per Reference Context (one
+# worker per core). Measured on 2 cores (AMD EPYC), 8 replicas, N = 3, aggregate ns/day:
+# alanine dipeptide (22 atoms) Reference 1 copy/context 1854 vs CPU platform 4 copies/context 1455,
+# 8/context 748; trialanine (42 atoms) Reference 565 vs CPU 624.
+REFERENCE_MAX_ATOMS = 32
 #: settings that must match for ``resume`` (``time_ps`` may grow).
 RESUME_KEYS = ("system", "fingerprint", "n_replicas", "frame_interval_fs", "n_coefficients", "seed",
                "copies_per_context", "temperature_K", "friction_per_ps", "timestep_fs", "equilibration_ps")
@@ -297,16 +302,17 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     platform_name = resolve_platform(platform)
     on_gpu = platform_name in GPU_PLATFORMS
     n_cores = os.cpu_count() or 1
+    small_molecule = mol.n_atoms <= REFERENCE_MAX_ATOMS
+    if platform == "auto" and platform_name == "CPU" and small_molecule and copies_per_context in (None, 1):
+        platform_name = "Reference"  # measured faster for small molecules: see REFERENCE_MAX_ATOMS
     if copies_per_context:
         cpc = int(copies_per_context)
     elif on_gpu:
         cpc = min(replicas, 1024)
+    elif platform_name == "Reference":
+        cpc = 1  # Reference evaluates a multi-copy cutoff system slowly; one copy per Context
     else:  # spread replicas over the cores first, then fill groups up to 8 copies
         cpc = int(min(8, -(-replicas // min(replicas, workers or n_cores))))
-    if platform == "auto" and platform_name == "CPU" and cpc == 1:
-        # measured (benchmarks/md_throughput.py): one 22-atom copy per Context runs ~1.7x faster on
-        # Reference than on the CPU platform; from 8 copies per Context CPU wins.
-        platform_name = "Reference"
     cutoff = float(cutoff_nm or default_cutoff_nm(mol.positions_nm))
     group_sizes = [min(cpc, replicas - s) for s in range(0, replicas, cpc)]
 

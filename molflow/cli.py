@@ -13,6 +13,7 @@ from . import __version__
 from .errors import MolflowError
 
 EXIT_INPUT = 2
+SIMULATE_DEFAULTS = {"replicas": 1, "time_ps": 100.0, "frame_fs": 100.0, "n_coefficients": 3, "equilibrate_ps": 10.0}
 EXIT_RUNTIME = 3
 
 
@@ -40,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "coefficients of every frame interval (HDF5, DESIGN.md section 5).")
     p.add_argument("system", help="built-in system name (e.g. alanine_dipeptide) or a PDB file")
     p.add_argument("--out", required=True, help="output HDF5 file")
-    p.add_argument("--replicas", type=int, default=1, help="independent trajectories (default 1)")
-    p.add_argument("--time-ps", type=float, default=100.0, help="simulated time per replica, ps (default 100)")
-    p.add_argument("--frame-fs", type=float, default=100.0, help="interval between saved frames, fs (default 100)")
-    p.add_argument("--coefficients", type=int, default=3, help="path coefficients N per interval, 0..8 (default 3)")
-    p.add_argument("--equilibrate-ps", type=float, default=10.0, help="equilibration before frame 0, ps (default 10)")
+    # run settings default to None: with --resume they come from the file, else from SIMULATE_DEFAULTS
+    p.add_argument("--replicas", type=int, help="independent trajectories (default 1)")
+    p.add_argument("--time-ps", type=float, help="simulated time per replica, ps (default 100; with --resume "
+                                                 "a larger value extends the run)")
+    p.add_argument("--frame-fs", type=float, help="interval between saved frames, fs (default 100)")
+    p.add_argument("--coefficients", type=int, help="path coefficients N per interval, 0..8 (default 3)")
+    p.add_argument("--equilibrate-ps", type=float, help="equilibration before frame 0, ps (default 10)")
     p.add_argument("--platform", default="auto", help="auto|Reference|CPU|CUDA|OpenCL (default auto)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     mode = p.add_mutually_exclusive_group()
@@ -102,12 +105,22 @@ def _simulate(args) -> int:
                          "scale-out issue #6); use --executor local")
     if args.scheduler:
         raise InputError("--scheduler needs --executor dask")
-    traj = simulate(args.system, args.out, replicas=args.replicas, time_ps=args.time_ps,
-                    frame_fs=args.frame_fs, n_coefficients=args.coefficients,
-                    equilibrate_ps=args.equilibrate_ps, platform=args.platform, seed=args.seed,
-                    resume=args.resume, overwrite=args.overwrite,
-                    copies_per_context=args.copies_per_context, workers=args.workers,
-                    deterministic=args.deterministic, progress=not args.quiet, **_overrides(args))
+    given = {"replicas": args.replicas, "time_ps": args.time_ps, "frame_fs": args.frame_fs,
+             "n_coefficients": args.coefficients, "equilibrate_ps": args.equilibrate_ps}
+    settings = dict(SIMULATE_DEFAULTS)
+    if args.resume and Path(args.out).exists():
+        from .md.engine import resume_settings
+
+        try:
+            recorded = resume_settings(args.out)
+        except (MolflowError, KeyError):
+            recorded = {}  # not resumable: simulate() says why or starts fresh
+        settings.update({k: v for k, v in recorded.items() if k in settings})
+    settings.update({k: v for k, v in given.items() if v is not None})
+    traj = simulate(args.system, args.out, platform=args.platform, seed=args.seed, resume=args.resume,
+                    overwrite=args.overwrite, copies_per_context=args.copies_per_context,
+                    workers=args.workers, deterministic=args.deterministic, progress=not args.quiet,
+                    **settings, **_overrides(args))
     if not args.quiet:
         a = traj.attrs
         print(f"wrote {traj.path}: {traj.n_replicas} replicas x {traj.n_frames} frames, "

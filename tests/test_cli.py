@@ -57,6 +57,15 @@ def test_simulate_and_info_subprocess(tmp_path):
     assert info["replicas"] == 2 and info["frames"] == 7 and info["n_coefficients"] == 2
     assert info["datasets"]["brownian"] == [2, 6, 2, 22, 3]
     assert info["seed"] > 0
+    seed = info["seed"]
+    # --resume takes the run's settings from the file; a longer --time-ps extends it
+    r = _run("--quiet", "simulate", "alanine_dipeptide", "--out", str(out), "--resume", "--time-ps", "0.5")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(_run("info", str(out), "--json").stdout)
+    assert info["frames"] == 11 and info["datasets"]["brownian"] == [2, 10, 2, 22, 3]
+    assert info["seed"] == seed
+    r = _run("simulate", "alanine_dipeptide", "--out", str(out), "--resume", "--coefficients", "3")
+    assert r.returncode == EXIT_INPUT and "settings differ" in r.stderr and "n_coefficients" in r.stderr
 
 
 def test_quickstart_small(tmp_path, monkeypatch):

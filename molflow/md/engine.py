@@ -15,7 +15,6 @@ Python:
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import platform as _platform
@@ -44,7 +43,7 @@ GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 REFERENCE_MAX_ATOMS = 32
 #: settings that must match for ``resume`` (``time_ps`` may grow).
 RESUME_KEYS = ("system", "fingerprint", "n_replicas", "frame_interval_fs", "n_coefficients", "seed",
-               "copies_per_context", "temperature_K", "friction_per_ps", "timestep_fs", "equilibration_ps")
+               "copies_per_context", "temperature_K", "friction_per_ps", "timestep_fs")
 # kinetic temperature of one copy above this multiple of the target means the run exploded
 # (a 22-atom copy fluctuates by ~T*sqrt(2/(3A)) = 17%: 5x is far beyond any honest fluctuation).
 EXPLOSION_FACTOR = 5.0
@@ -287,6 +286,10 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     """
     t_start = time.perf_counter()
     out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    if resume and copies_per_context is None and out.exists() and _complete_frames(out) > 0:
+        copies_per_context = int(resume_settings(out)["copies_per_context"])  # keep the file's layout
     mol = system if isinstance(system, MolecularSystem) else load_system(system, **overrides)
     if isinstance(system, MolecularSystem) and overrides:
         raise InputError("pass overrides to load_system, not with a MolecularSystem")
@@ -471,14 +474,14 @@ def _consume(results, writer, out, ckpt_dir, group_sizes, replicas, n_done, dt_f
         got = pending.pop(want, {})
         n_good = min([len(got[g][0]) if g in got else 0 for g in range(n_groups)])
         if n_good:
-            _write_chunk(writer, got, offsets, group_sizes, n_good, next_frame, dt_frame_ps)
             complete = n_good == (1 if want == -1 else chunks[want]) and all(got[g][1] for g in range(n_groups))
-            elapsed = time.perf_counter() - t_start
-            writer.set_attrs(wall_clock_s=wall_before + elapsed)
             last = next_frame + n_good - 1
-            if complete:
+            if complete:  # checkpoints first: when the frames become visible, their checkpoint exists
                 for g in range(n_groups):
                     _atomic_write(ckpt_dir / f"group{g:05d}_frame{last}.chk", got[g][1])
+            writer.set_attrs(wall_clock_s=wall_before + time.perf_counter() - t_start)
+            _write_chunk(writer, got, offsets, group_sizes, n_good, next_frame, dt_frame_ps)
+            if complete:
                 _prune_checkpoints(ckpt_dir, keep=last)
             next_frame += n_good
             bar.update(n_good)
@@ -659,7 +662,11 @@ def _prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
             f.unlink(missing_ok=True)
 
 
-def read_run_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings recorded in a run file (for ``molflow info``)."""
+def resume_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The run settings recorded in ``path``, as :func:`simulate` keyword values (for ``--resume``)."""
     with Trajectory(path) as t:
-        return json.loads(json.dumps(t.attrs, default=str))
+        a = t.attrs
+    return {"replicas": int(a["n_replicas"]), "frame_fs": float(a["frame_interval_fs"]),
+            "n_coefficients": int(a["n_coefficients"]), "time_ps": float(a["time_ps_requested"]),
+            "equilibrate_ps": float(a["equilibration_ps"]), "seed": int(a["seed"]),
+            "copies_per_context": int(a["copies_per_context"])}

@@ -6,6 +6,8 @@ and the command line stay fast and torch is loaded only by the parts that need i
 - :func:`load_system` — a built-in molecule or any peptide PDB
 - :func:`simulate` — reference Langevin MD with the Brownian path recorded
 - :class:`Trajectory` — read a run file (lazy arrays, ``to_mdtraj``, ``iter_chunks``)
+- :func:`floor` — the irreducible error of a map fed N path coefficients (pairs of MD runs)
+- :func:`train`, :class:`FlowMap` — train a molecular flow map; load it and sample
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ _LAZY = {
     "MolecularSystem": ("molflow.systems", "MolecularSystem"),
     "simulate": ("molflow.md.engine", "simulate"),
     "Trajectory": ("molflow.trajectory", "Trajectory"),
+    "train": ("molflow.training.loop", "train"),
+    "FlowMap": ("molflow.sampling", "FlowMap"),
+    "floor": ("molflow.floor", "floor"),
     "MolflowError": ("molflow.errors", "MolflowError"),
     "InputError": ("molflow.errors", "InputError"),
     "SimulationError": ("molflow.errors", "SimulationError"),

@@ -60,7 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
     _add_system_overrides(p)
 
-    p = sub.add_parser("info", help="what a run file holds")
+    p = sub.add_parser("floor", help="the irreducible error of a map fed N path coefficients",
+                       description="Pairs of reference trajectories from the same states that share the N "
+                                   "path coefficients of a jump and differ in the rest (DESIGN.md 3.1).")
+    p.add_argument("system", help="built-in system name or a PDB file")
+    p.add_argument("--tau-ps", default="0.05,0.2,1", help="jump lengths, ps, comma-separated (default 0.05,0.2,1)")
+    p.add_argument("--coefficients", default="0,1,3,8", help="N values, comma-separated (default 0,1,3,8)")
+    p.add_argument("--starts", type=int, default=32, help="equilibrated start states (default 32)")
+    p.add_argument("--equilibrate-ps", type=float, default=10.0, help="equilibration of the starts, ps")
+    p.add_argument("--platform", default="auto", help="OpenMM platform (default auto)")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--out", required=True, help="output JSON file")
+
+    p = sub.add_parser("train", help="train a flow map on reference runs",
+                       description="Train the equivariant strong stochastic flow map of a system on "
+                                   "reference runs recorded at 10-20 fs frames (DESIGN.md section 3).")
+    p.add_argument("system", help="built-in system name or a PDB file (must match the data)")
+    p.add_argument("--data", action="append", required=True, help="reference run file (repeatable)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (model.pt)")
+    p.add_argument("--tau-max-ps", type=float, default=1.0, help="longest jump trained, ps (default 1)")
+    p.add_argument("--coefficients", type=int, help="path coefficients N used (default: all in the data)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, ...)")
+
+    p = sub.add_parser("info", help="what a run file or checkpoint holds")
     p.add_argument("file", help="a molflow HDF5 file")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -80,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INPUT
     try:
-        return {"simulate": _simulate, "info": _info, "quickstart": _quickstart}[args.command](args)
+        handlers = {"simulate": _simulate, "info": _info, "quickstart": _quickstart, "floor": _floor,
+                    "train": _train}
+        return handlers[args.command](args)
     except MolflowError as exc:
         print(f"molflow {args.command}: error: {exc}", file=sys.stderr)
         from .errors import SimulationError
@@ -129,9 +157,66 @@ def _simulate(args) -> int:
     return 0
 
 
+def _floats(text: str, name: str) -> list[float]:
+    from .errors import InputError
+
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _floor(args) -> int:
+    from .floor import floor
+
+    result = floor(args.system, tau_ps=_floats(args.tau_ps, "--tau-ps"),
+                   n_coefficients=[int(n) for n in _floats(args.coefficients, "--coefficients")],
+                   starts=args.starts, seed=args.seed, equilibrate_ps=args.equilibrate_ps,
+                   platform=args.platform, out=args.out, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{'tau_ps':>7s} {'N':>2s} {'raw nm':>9s} {'aligned nm':>10s} {'dv/vth':>7s} {'dphi deg':>8s}")
+        for r in result["rows"]:
+            print(f"{r['tau_ps']:7.3f} {r['n_coefficients']:2d} {r['heavy_rmsd_raw_nm']:9.2e} "
+                  f"{r['heavy_rmsd_aligned_nm']:10.2e} {r['dv_over_vthermal']:7.2f} {r['dphi_deg']:8.1f}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    import yaml
+
+    from .errors import InputError
+    from .training.loop import train
+
+    config = {}
+    if args.config:
+        try:
+            config = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(f"cannot read --config {args.config}: {exc}") from None
+        if not isinstance(config, dict):
+            raise InputError(f"--config {args.config} must be a mapping of settings")
+    out = train(args.system, data=args.data, out=args.out, tau_max_ps=args.tau_max_ps,
+                n_coefficients=args.coefficients, steps=args.steps, device=args.device, seed=args.seed,
+                resume=args.resume, config=config, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out} (metrics: {out}.metrics.csv)")
+    return 0
+
+
 def _info(args) -> int:
     from .trajectory import Trajectory
 
+    if str(args.file).endswith((".pt", ".pth")):
+        from .training.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(args.file)
+        info = {"path": str(args.file), "kind": "flow-map checkpoint", "step": ck.get("step"),
+                "h0_ps": ck.get("h0_ps"), "molflow_version": ck.get("molflow_version"),
+                "system": {k: v for k, v in ck["system_json"].items() if k != "pdb"},
+                "map_config": ck["map_config_json"], "train_config": ck["train_config_json"]}
+        print(json.dumps(info, indent=2, default=str))
+        return 0
     with Trajectory(args.file) as t:
         a = t.attrs
         a.pop("pdb", None)

@@ -1,0 +1,206 @@
+"""The molecular strong stochastic flow map z_{s+tau} = T(z_s, L_{s,s+tau}, eps, tau).
+
+State z = (x, v) per atom (nm, nm/ps); L (B, N, A, 3): Legendre path coefficients of the Brownian
+motion driving each velocity DOF (sqrt(ps)); eps (B, k, A, 3): the unresolved-path latent (k standard
+Gaussian vectors per atom, rotating with the molecule); tau (B,) in ps.
+
+Parametrisation (DESIGN.md section 3): the free-particle / Ornstein–Uhlenbeck part is exact and the
+network learns the rest. For a free atom with friction gamma and noise sigma = sqrt(2 gamma kT/m),
+
+    v_t = e^{-gamma tau} v + sigma ∫ f_v(u) dW_u,        f_v(u) = e^{-gamma (tau-u)}
+    x_t = x + (1 - e^{-gamma tau})/gamma v + sigma ∫ f_x(u) dW_u,  f_x(u) = (1 - e^{-gamma (tau-u)})/gamma
+
+and given the coefficients, each stochastic integral splits exactly into its projection onto the
+Legendre polynomials, sum_n (2n+1)/tau (∫ f P_n) L^(n), plus an independent Gaussian remainder whose
+2x2 (x, v) covariance is known; the remainder is drawn from the first two latent vectors. So at
+tau -> 0 the map is the identity, for a free particle it is exact in law, and the network's
+correction (scaled by tau, and by 1 - e^{-tau/tau_v} for velocities) carries forces and the spread the
+coefficients cannot resolve. The network is the E(3)-equivariant :class:`~molflow.models.painn.PaiNN`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .painn import PaiNN
+
+ELEMENTS = ("H", "C", "N", "O", "S")
+MAX_GRAPH_DISTANCE = 4  # bonded graph distance one-hot: 1, 2, 3, >= 4 bonds
+TAU_V_PS = 0.01  # velocity-correction onset: ~ the fastest vibrations (C-H period 11 fs)
+N_QUAD = 48
+
+
+@dataclasses.dataclass
+class MapConfig:
+    """Architecture of the molecular map (stored in checkpoints)."""
+
+    n_coefficients: int = 3
+    n_latent: int = 4  # latent vectors per atom (>= 2: two feed the exact OU remainder)
+    n_features: int = 64
+    n_layers: int = 3
+    n_rbf: int = 16
+    cutoff_nm: float = 1.2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def atom_features(system) -> tuple[np.ndarray, np.ndarray]:
+    """Per-atom invariant features and pairwise bonded-distance one-hots from the topology.
+
+    Scalars (A, S): element one-hot (H, C, N, O, S, other), mass/16 amu, charge (e), LJ sigma (nm),
+    LJ epsilon (kJ/mol), number of bonds/4 — all read from the force field, so a new peptide needs no
+    hand-written features. Edges (A, A, 4): one-hot of the bonded graph distance 1, 2, 3, >= 4.
+    """
+    import openmm
+
+    atoms = list(system.topology.atoms())
+    A = len(atoms)
+    nb = next(f for f in system.system.getForces() if isinstance(f, openmm.NonbondedForce))
+    scal = np.zeros((A, len(ELEMENTS) + 1 + 5))
+    neighbours = [[] for _ in range(A)]
+    for a, b in system.bonds:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    for i, atom in enumerate(atoms):
+        sym = atom.element.symbol if atom.element is not None else "X"
+        scal[i, ELEMENTS.index(sym) if sym in ELEMENTS else len(ELEMENTS)] = 1.0
+        q, sig, eps = nb.getParticleParameters(i)
+        scal[i, len(ELEMENTS) + 1:] = [system.masses_amu[i] / 16.0, q._value, sig._value, eps._value,
+                                       len(neighbours[i]) / 4.0]
+    dist = np.full((A, A), MAX_GRAPH_DISTANCE, dtype=int)
+    for i in range(A):  # breadth-first search from every atom
+        seen, queue = {i: 0}, deque([i])
+        while queue:
+            j = queue.popleft()
+            if seen[j] >= MAX_GRAPH_DISTANCE:
+                continue
+            for k in neighbours[j]:
+                if k not in seen:
+                    seen[k] = seen[j] + 1
+                    queue.append(k)
+        for j, dj in seen.items():
+            dist[i, j] = min(dj, MAX_GRAPH_DISTANCE)
+    edges = np.zeros((A, A, MAX_GRAPH_DISTANCE))
+    for k in range(1, MAX_GRAPH_DISTANCE + 1):
+        edges[..., k - 1] = dist == k
+    np.fill_diagonal(edges[..., 0], 0)
+    return scal, edges
+
+
+def ou_terms(tau: torch.Tensor, gamma: float, n_coefficients: int) -> dict[str, torch.Tensor]:
+    """Exact OU pieces for jump lengths ``tau`` (B,) ps, computed in float64.
+
+    Returns c_xv (B,) [ps] (x gain from v), c_vv (B,) (v decay), a (B, N) [ps] and b (B, N) [1]: the
+    projection weights of ∫f_x dW and ∫f_v dW on L^(n), and the Cholesky factor (r_xx, r_vx, r_vv)
+    (B,) of the remainder's covariance per unit sigma, in sqrt(ps)^3, sqrt(ps), sqrt(ps).
+    """
+    t = tau.to(torch.float64).clamp_min(1e-12)
+    nodes, weights = np.polynomial.legendre.leggauss(N_QUAD)
+    u01 = torch.as_tensor((nodes + 1) / 2, dtype=torch.float64, device=tau.device)  # (Q,)
+    w01 = torch.as_tensor(weights / 2, dtype=torch.float64, device=tau.device)
+    u = t[:, None] * u01[None, :]  # (B, Q) time since s
+    decay = torch.exp(-gamma * (t[:, None] - u))
+    f_v = decay
+    f_x = (1 - decay) / gamma
+    N = n_coefficients
+    if N:
+        P = _shifted_legendre(N - 1, u01)  # (N, Q)
+        scale = (2 * torch.arange(N, dtype=torch.float64, device=tau.device) + 1)
+        a = torch.einsum("bq,nq,q->bn", f_x, P, w01) * scale  # (2n+1)/tau ∫_0^tau f P du = (2n+1)∫_0^1 f P dv
+        b = torch.einsum("bq,nq,q->bn", f_v, P, w01) * scale
+        var_n = t[:, None] / scale  # Var L^(n) = tau/(2n+1)
+        proj_xx = (a**2 * var_n).sum(1)
+        proj_vv = (b**2 * var_n).sum(1)
+        proj_xv = (a * b * var_n).sum(1)
+    else:
+        a = b = torch.zeros(len(t), 0, dtype=torch.float64, device=tau.device)
+        proj_xx = proj_vv = proj_xv = torch.zeros_like(t)
+    vxx = (f_x**2 * w01).sum(1) * t - proj_xx
+    vvv = (f_v**2 * w01).sum(1) * t - proj_vv
+    vxv = (f_x * f_v * w01).sum(1) * t - proj_xv
+    r_xx = vxx.clamp_min(0).sqrt()
+    r_vx = torch.where(r_xx > 1e-15, vxv / r_xx.clamp_min(1e-15), torch.zeros_like(vxv))
+    r_vv = (vvv - r_vx**2).clamp_min(0).sqrt()
+    return {"c_xv": -torch.expm1(-gamma * t) / gamma, "c_vv": torch.exp(-gamma * t), "a": a, "b": b,
+            "r_xx": r_xx, "r_vx": r_vx, "r_vv": r_vv}
+
+
+def _shifted_legendre(n_max: int, u: torch.Tensor) -> torch.Tensor:
+    x = 2 * u - 1
+    out = [torch.ones_like(x)]
+    if n_max >= 1:
+        out.append(x)
+    for n in range(1, n_max):
+        out.append(((2 * n + 1) * x * out[n] - n * out[n - 1]) / (n + 1))
+    return torch.stack(out[: n_max + 1])
+
+
+class MolecularFlowMap(nn.Module):
+    """The molecular map: exact OU part + equivariant correction (see module docstring)."""
+
+    def __init__(self, scalars: np.ndarray, edges: np.ndarray, masses_amu: np.ndarray, kT_kj_mol: float,
+                 gamma_per_ps: float, config: MapConfig):
+        super().__init__()
+        if config.n_latent < 2:
+            raise ValueError("n_latent must be >= 2 (two latent vectors feed the exact OU remainder)")
+        self.config = config
+        self.gamma = float(gamma_per_ps)
+        self.kT = float(kT_kj_mol)
+        dtype = torch.get_default_dtype()
+        self.register_buffer("scalars", torch.as_tensor(scalars, dtype=dtype))
+        self.register_buffer("edges", torch.as_tensor(edges, dtype=dtype).unsqueeze(0))
+        self.register_buffer("masses", torch.as_tensor(masses_amu, dtype=dtype))
+        v_th = np.sqrt(kT_kj_mol / np.asarray(masses_amu))
+        self.register_buffer("v_th", torch.as_tensor(v_th, dtype=dtype))  # nm/ps
+        self.register_buffer("sigma", torch.as_tensor(np.sqrt(2 * gamma_per_ps) * v_th, dtype=dtype))
+        N, k = config.n_coefficients, config.n_latent
+        self.net = PaiNN(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
+                         n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
+                         n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.scalars.shape[0]
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor,
+                tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One jump. x, v (B,A,3); L (B,N,A,3); eps (B,k,A,3); tau (B,) ps -> (x_t, v_t)."""
+        dtype = x.dtype
+        ou = {k: val.to(dtype) for k, val in ou_terms(tau, self.gamma, self.config.n_coefficients).items()}
+        sig = self.sigma[None, :, None]  # (1,A,1)
+
+        def per_b(t):  # (B,) -> (B,1,1)
+            return t[:, None, None]
+
+        proj_x = torch.einsum("bn,bnac->bac", ou["a"], L) if L.shape[1] else torch.zeros_like(x)
+        proj_v = torch.einsum("bn,bnac->bac", ou["b"], L) if L.shape[1] else torch.zeros_like(v)
+        e0, e1 = eps[:, 0], eps[:, 1]
+        x_base = x + per_b(ou["c_xv"]) * v + sig * (proj_x + per_b(ou["r_xx"]) * e0)
+        v_base = per_b(ou["c_vv"]) * v + sig * (proj_v + per_b(ou["r_vx"]) * e0 + per_b(ou["r_vv"]) * e1)
+
+        B, A = x.shape[:2]
+        N = L.shape[1]
+        tau_b = tau.to(dtype)
+        L_scale = torch.sqrt(tau_b[:, None] / (2 * torch.arange(N, device=x.device, dtype=dtype) + 1)).clamp_min(1e-6)
+        vectors = torch.cat([(v / self.v_th[None, :, None]).unsqueeze(2),
+                             (L / L_scale[:, :, None, None]).transpose(1, 2),
+                             eps.transpose(1, 2)], dim=2)  # (B,A,1+N+k,3)
+        t_feat = torch.stack([torch.log(tau_b.clamp_min(1e-4) / 0.1), tau_b, 1 - torch.exp(-self.gamma * tau_b)], -1)
+        scalars = torch.cat([self.scalars.expand(B, -1, -1), t_feat[:, None, :].expand(B, A, 3)], -1)
+        out = self.net(x, scalars, vectors, self.edges)  # (B,A,2,3)
+        vt = self.v_th[None, :, None]
+        x_t = x_base + per_b(tau_b) * vt * out[:, :, 0]
+        v_t = v_base + per_b(-torch.expm1(-tau_b / TAU_V_PS)) * vt * out[:, :, 1]
+        return x_t, v_t
+
+    def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fresh latents (batch, k, A, 3)."""
+        p = self.scalars
+        return torch.randn(batch, self.config.n_latent, self.n_atoms, 3, generator=generator,
+                           device=p.device, dtype=p.dtype)

@@ -1,0 +1,1 @@
+"""Training molecular flow maps: data from run files, the loop, checkpoints."""

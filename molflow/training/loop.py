@@ -1,0 +1,313 @@
+"""Training a molecular flow map (user story 2).
+
+    >>> molflow.train("alanine_dipeptide", data=["run.h5"], out="model.pt", tau_max_ps=1.0, steps=2000)
+
+Each optimiser step mixes three SSFM losses (DESIGN.md section 3.2) on sub-batches:
+``local`` (one frame interval h0, target the recorded next frame), ``direct`` (k intervals, target
+the recorded frame k later, coefficients composed exactly) and ``semigroup`` (self-distillation:
+an EMA teacher's two half-jumps vs the student's one full jump, on split paths). Objective
+``energy`` (energy score with ``n_latent_samples`` >= 2, the default) or ``mse``. The longest jump
+grows by curriculum from h0 to ``tau_max_ps``. Checkpoints (atomic) every ``checkpoint_every``
+steps and at the end; ``resume=True`` continues bit-for-bit from the last one.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import InputError
+from ..evaluation.structure import rmsd
+from ..models.molecular import MapConfig
+from ..seeding import random_seed
+from ..systems import MolecularSystem, load_system
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import FrameData
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters (``molflow train --config file.yaml`` sets them; flags override)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    objective: str = "energy"  # "energy" | "mse"
+    n_latent_samples: int = 2  # m, latent draws per item for the energy score
+    tau_max_ps: float = 1.0
+    curriculum_fraction: float = 0.5  # share of steps over which the longest jump grows to tau_max
+    fraction_local: float = 0.4
+    fraction_direct: float = 0.3
+    fraction_semigroup: float = 0.3
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    validate_every: int = 250
+    validation_items: int = 32
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {f.name for f in dataclasses.fields(MapConfig)}
+        if unknown:
+            raise InputError(f"unknown training setting(s) {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _features(x, v, x_ref, tau, v_th):
+    """Normalised (x, v) on which scoring rules take their norm: displacement / (v_th tau), v / v_th."""
+    scale = (v_th[None, :, None] * tau[:, None, None].clamp_min(1e-3))
+    return torch.cat([((x - x_ref) / scale).flatten(1), (v / v_th[None, :, None]).flatten(1)], 1)
+
+
+def _energy_score(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    from ..flowmap import energy_score
+
+    return energy_score(samples, target)
+
+
+class Trainer:
+    """Holds model, EMA teacher, optimiser, data and RNG state; steps and checkpoints."""
+
+    def __init__(self, system: MolecularSystem, data: FrameData, config: TrainConfig, map_config: MapConfig,
+                 device: torch.device, seed: int):
+        from ..sampling import build_model
+
+        self.system, self.data, self.config, self.map_config = system, data, config, map_config
+        self.device, self.seed = device, seed
+        torch.manual_seed(seed)
+        self.model = build_model(system, map_config).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.k_tau_max = max(1, min(int(round(config.tau_max_ps / data.h0_ps)), data.max_jump()))
+
+    def _lr_factor(self, step: int) -> float:  # linear warm-up then cosine decay
+        warm = max(1, self.config.steps // 50)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.config.steps - warm))))
+
+    # ------------------------------------------------------------------ jumps
+    def k_max(self) -> int:
+        """Longest jump (frames) allowed now by the curriculum."""
+        grow = max(1, int(self.config.curriculum_fraction * self.config.steps))
+        frac = min(1.0, (self.step + 1) / grow)
+        return max(1, int(round(math.exp(frac * math.log(self.k_tau_max)))))
+
+    def _draw_k(self, lo: int, hi: int) -> int:
+        if hi <= lo:
+            return lo
+        return int(round(math.exp(self.rng.uniform(math.log(lo), math.log(hi)))))
+
+    def _latent(self, B: int) -> torch.Tensor:
+        return self.model.sample_latent(B, self.gen)
+
+    def _jump_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Local/direct loss on recorded jumps: the target is the recorded end state."""
+        m = self.config.n_latent_samples if self.config.objective == "energy" else 1
+        B = b["x0"].shape[0]
+        rep = lambda t: t.repeat(m, *([1] * (t.dim() - 1)))  # noqa: E731
+        xt, vt = self.model(rep(b["x0"]), rep(b["v0"]), rep(b["L"]), self._latent(m * B), rep(b["tau"]))
+        v_th = self.model.v_th
+        pred = _features(xt, vt, rep(b["x0"]), rep(b["tau"]), v_th).view(m, B, -1)
+        target = _features(b["x1"], b["v1"], b["x0"], b["tau"], v_th)
+        if self.config.objective == "mse":
+            return ((pred[0] - target) ** 2).mean()
+        return _energy_score(pred, target).mean() / math.sqrt(pred.shape[-1])
+
+    def _semigroup_loss(self, b: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """Self-distillation on the recorded path of 2k intervals: teacher = two EMA half-jumps fed
+        the recorded half-path coefficients (a true sample of the halves given the whole), student =
+        one jump with the composed coefficients; scored against the teacher's end state, / tau."""
+        from .data import _composition
+
+        N = self.data.n_coefficients
+        L1, L2 = b["L_halves"]
+        B = b["x0"].shape[0]
+        with torch.no_grad():
+            xm, vm = self.ema(b["x0"], b["v0"], L1, self.ema.sample_latent(B, self.gen), b["tau"] / 2)
+            xT, vT = self.ema(xm, vm, L2, self.ema.sample_latent(B, self.gen), b["tau"] / 2)
+        A2 = torch.as_tensor(_composition(2, N), dtype=L1.dtype, device=L1.device)
+        L = torch.einsum("nm,bmac->bnac", A2[0], L1) + torch.einsum("nm,bmac->bnac", A2[1], L2)
+        teacher = {"x0": b["x0"], "v0": b["v0"], "x1": xT, "v1": vT, "L": L, "tau": b["tau"]}
+        # features are normalised by tau (displacement / (v_th tau)), which plays the role of the
+        # 1/tau scale of DESIGN.md section 3.2: scores are O(1) at every jump length
+        return self._jump_loss(teacher)
+
+    def train_step(self) -> dict[str, float]:
+        c, d = self.config, self.data
+        self.model.train()
+        B = c.batch_size
+        n_loc = max(1, int(round(c.fraction_local * B)))
+        n_dir = int(round(c.fraction_direct * B))
+        n_sg = int(round(c.fraction_semigroup * B))
+        kmax = self.k_max()
+        losses = {}
+        total = 0.0
+        local = d.batch(n_loc, 1, self.rng, device=self.device)
+        losses["local"] = self._jump_loss(local)
+        total = total + c.fraction_local * losses["local"]
+        if n_dir and kmax >= 2:
+            k = self._draw_k(2, kmax)
+            losses["direct"] = self._jump_loss(d.batch(n_dir, k, self.rng, device=self.device))
+            total = total + c.fraction_direct * losses["direct"]
+        if n_sg and kmax >= 2:
+            k = max(1, self._draw_k(2, kmax) // 2)
+            r, f = d.draw(n_sg, 2 * k, self.rng)
+            whole = d.items(r, f, 2 * k, device=self.device)
+            h1 = d.items(r, f, k, device=self.device)
+            h2 = d.items(r, f + k, k, device=self.device)
+            whole["L_halves"] = (h1["L"], h2["L"])
+            losses["semigroup"] = self._semigroup_loss(whole, k)
+            total = total + c.fraction_semigroup * losses["semigroup"]
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.mul_(c.ema_decay).add_(pm.detach(), alpha=1 - c.ema_decay)
+        self.step += 1
+        out = {k: float(v) for k, v in losses.items()}
+        out.update(loss=float(total), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps, lr=self.sched.get_last_lr()[0])
+        return out
+
+    @torch.no_grad()
+    def validate(self, taus_ps: Sequence[float] | None = None) -> dict[str, float]:
+        """Strong error (mean and sample modes) and one-jump kinetic temperature on held-out data."""
+        from ..sampling import FlowMap
+
+        fm = FlowMap(self.ema, self.system, self.data.h0_ps)
+        rng = np.random.default_rng(12345)  # the same validation items every time
+        gen = torch.Generator(device=self.device).manual_seed(12345)
+        out = {}
+        heavy = torch.as_tensor(self.system.heavy_atoms, device=self.device)
+        masses = self.model.masses
+        taus = taus_ps or sorted({self.data.h0_ps, min(0.1, self.config.tau_max_ps), self.config.tau_max_ps})
+        for tau in taus:
+            k = max(1, min(int(round(tau / self.data.h0_ps)), self.data.max_jump()))
+            b = self.data.batch(self.config.validation_items, k, rng, split="val", device=self.device)
+            key = f"{k * self.data.h0_ps:g}ps"
+            for mode in ("mean", "sample"):
+                xt, vt = fm.jump(b["x0"], b["v0"], b["L"], k * self.data.h0_ps, mode=mode, generator=gen, n_mean=8)
+                out[f"val_rmsd_{mode}_{key}_nm"] = float(np.sqrt(np.mean(
+                    rmsd(xt[:, heavy].cpu().numpy(), b["x1"][:, heavy].cpu().numpy()) ** 2)))
+                if mode == "sample":
+                    t_kin = (masses[None, :, None] * vt**2).sum((1, 2)) / (3 * len(masses) * 0.0083144626181532)
+                    out[f"val_kinetic_temperature_{key}_K"] = float(t_kin.mean())
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        s = self.system
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "step": self.step, "h0_ps": self.data.h0_ps,
+            "torch_rng": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
+            "numpy_rng_json": self.rng.bit_generator.state, "seed": self.seed,
+            "map_config_json": self.map_config.to_dict(), "train_config_json": dataclasses.asdict(self.config),
+            "system_json": {"name": s.name, "pdb": s.pdb_text, "forcefield": list(s.forcefield_files),
+                            "temperature_K": s.temperature_K, "friction_per_ps": s.friction_per_ps,
+                            "timestep_fs": s.timestep_fs, "fingerprint": s.fingerprint},
+            "normalisation_json": {"v_thermal_nm_per_ps": self.model.v_th.tolist(), "h0_ps": self.data.h0_ps,
+                                   "L_scale": "sqrt(tau/(2n+1))", "features": "dx/(v_th tau), v/v_th"},
+            "history_json": self.history,
+        }
+
+    def load_state(self, ck: dict[str, Any]) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.step = int(ck["step"])
+        self.gen.set_state(ck["torch_rng"])
+        torch.set_rng_state(ck["cpu_rng"])
+        self.rng.bit_generator.state = ck["numpy_rng_json"]
+        self.history = list(ck["history_json"])
+
+
+def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | os.PathLike,
+          tau_max_ps: float = 1.0, n_coefficients: int | None = 3, steps: int | None = None,
+          device: str = "auto", seed: int | None = None, resume: bool = False,
+          config: TrainConfig | dict | None = None, progress: bool = True, **map_settings: Any) -> Path:
+    """Train a flow map on reference runs; writes the checkpoint ``out`` and ``out``.metrics.csv."""
+    from tqdm.auto import tqdm
+
+    from ..sampling import resolve_device
+
+    out = Path(out)
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config or {}))
+    map_cfg = MapConfig(**{k: v for k, v in {**(config if isinstance(config, dict) else {}), **map_settings}.items()
+                           if k in {f.name for f in dataclasses.fields(MapConfig)}})
+    cfg = dataclasses.replace(cfg, tau_max_ps=float(tau_max_ps), steps=int(steps or cfg.steps))
+    mol = system if isinstance(system, MolecularSystem) else load_system(system)
+    frames = FrameData(paths, n_coefficients)
+    if frames.system.fingerprint != mol.fingerprint:
+        raise InputError(f"training data were made for {frames.system.name!r} with other settings "
+                         f"(fingerprint {frames.system.fingerprint} vs {mol.fingerprint})")
+    map_cfg = dataclasses.replace(map_cfg, n_coefficients=frames.n_coefficients)
+    dev = resolve_device(device)
+    if resume and out.exists():
+        ck = load_checkpoint(out, map_location=dev)
+        if ck["system_json"]["fingerprint"] != mol.fingerprint:
+            raise InputError(f"cannot resume {out}: it was trained for another system")
+        cfg = dataclasses.replace(TrainConfig.from_dict(ck["train_config_json"]), steps=cfg.steps)
+        map_cfg = MapConfig(**ck["map_config_json"])
+        trainer = Trainer(mol, frames, cfg, map_cfg, dev, int(ck["seed"]))
+        trainer.load_state(ck)
+    else:
+        if out.exists() and not resume:
+            pass  # training output is replaced (checkpoints are cheap to remake); resume keeps it
+        seed = random_seed() if seed is None else int(seed)
+        trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
+    if progress:
+        n_par = sum(p.numel() for p in trainer.model.parameters())
+        print(f"molflow train: system={mol.name} seed={trainer.seed} device={dev} params={n_par} "
+              f"h0={frames.h0_ps * 1000:g} fs tau_max={cfg.tau_max_ps} ps N={frames.n_coefficients}", file=sys.stderr)
+    log_path = out.with_name(out.name + ".metrics.csv")
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", file=sys.stderr,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while trainer.step < cfg.steps:
+        row = trainer.train_step()
+        row["step"] = trainer.step
+        if trainer.step % cfg.validate_every == 0 or trainer.step == cfg.steps:
+            row.update(trainer.validate())
+        row["items_per_s"] = trainer.step * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+        trainer.history.append(row)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {row['loss']:.3f} tau<={row['tau_max_ps']:.2f}ps")
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            save_checkpoint(out, trainer.state())
+            _write_log(log_path, trainer.history)
+    bar.close()
+    if trainer.step == cfg.steps and not out.exists():
+        save_checkpoint(out, trainer.state())
+    return out
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    keys = sorted({k for row in history for k in row})
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)

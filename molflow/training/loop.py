@@ -28,6 +28,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
+from ..flowmap import score
 from ..evaluation.structure import rmsd
 from ..models.molecular import MapConfig
 from ..seeding import random_seed
@@ -72,10 +73,6 @@ def _features(x, v, x_ref, tau, v_th):
     return torch.cat([((x - x_ref) / scale).flatten(1), (v / v_th[None, :, None]).flatten(1)], 1)
 
 
-def _energy_score(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    from ..flowmap import energy_score
-
-    return energy_score(samples, target)
 
 
 class Trainer:
@@ -128,9 +125,8 @@ class Trainer:
         v_th = self.model.v_th
         pred = _features(xt, vt, rep(b["x0"]), rep(b["tau"]), v_th).view(m, B, -1)
         target = _features(b["x1"], b["v1"], b["x0"], b["tau"], v_th)
-        if self.config.objective == "mse":
-            return ((pred[0] - target) ** 2).mean()
-        return _energy_score(pred, target).mean() / math.sqrt(pred.shape[-1])
+        # per-item scoring rule shared with the generic SSFM code; / sqrt(D) keeps it O(1) per DOF
+        return score(pred, target, self.config.objective).mean() / math.sqrt(pred.shape[-1])
 
     def _semigroup_loss(self, b: dict[str, torch.Tensor], k: int) -> torch.Tensor:
         """Self-distillation on the recorded path of 2k intervals: teacher = two EMA half-jumps fed
@@ -186,7 +182,7 @@ class Trainer:
             for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                 pe.mul_(c.ema_decay).add_(pm.detach(), alpha=1 - c.ema_decay)
         self.step += 1
-        out = {k: float(v) for k, v in losses.items()}
+        out = {k: float(v.detach()) for k, v in losses.items()}
         out.update(loss=float(total), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps, lr=self.sched.get_last_lr()[0])
         return out
 

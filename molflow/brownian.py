@@ -43,6 +43,7 @@ __all__ = [
     "compose",
     "split",
     "split_discrete",
+    "split_matrices",
     "sample_coefficients",
     "polynomial_path",
     "polynomial_path_l2_error",
@@ -340,6 +341,72 @@ def split_discrete(
     flat = coeffs.reshape(n, -1)
     children = _conditional_children(flat, m, f, rng)
     return children.reshape((p, n) + coeffs.shape[1:])
+
+
+def _split_system(
+    durations_ps, n_coefficients: int, n_steps_list, dt_ps
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(M, F, P) of a split: children c = F z (z ~ N(0, I) a priori), parent = M c."""
+    n = _check_n(n_coefficients, minimum=1)
+    if n_steps_list is None:
+        d = _durations(durations_ps)
+        p = d.size
+        a = _composition_stack(d, n)
+        f = np.diag(np.sqrt((d[:, None] / (2.0 * np.arange(n) + 1.0)[None, :]).reshape(-1)))
+    else:
+        if dt_ps is None or not dt_ps > 0:
+            raise ValueError("the discrete law needs a positive dt_ps")
+        ks = [int(k) for k in n_steps_list]
+        if not ks or any(k < 1 or k != kk for k, kk in zip(ks, n_steps_list)):
+            raise ValueError("n_steps_list must hold positive integers")
+        if durations_ps is not None and not np.allclose(_durations(durations_ps), np.asarray(ks) * dt_ps, rtol=1e-9):
+            raise ValueError("durations_ps disagree with n_steps_list * dt_ps")
+        p = len(ks)
+        a = _composition_stack(np.asarray(ks, dtype=np.float64) * dt_ps, n)
+        factors = [_discrete_factor(n, k, dt_ps) for k in ks]
+        f = np.zeros((p * n, sum(fi.shape[1] for fi in factors)))
+        col = 0
+        for i, fi in enumerate(factors):
+            f[i * n:(i + 1) * n, col:col + fi.shape[1]] = fi
+            col += fi.shape[1]
+    m = a.transpose(1, 0, 2).reshape(n, p * n)
+    return m, f, p
+
+
+def split_matrices(
+    durations_ps: Sequence[float] | np.ndarray | None,
+    n_coefficients: int,
+    *,
+    n_steps_list: Sequence[int] | None = None,
+    dt_ps: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed linear maps of the exact conditional split (for batched splitting, e.g. on torch).
+
+    Returns ``(mean_map, noise_factor)`` of shapes (P, N, N) and (P, N, r): for a parent ``L``
+    (N, *batch) and a fresh standard normal ``eta`` (r, *batch), the children
+
+        child_p = mean_map[p] @ L + noise_factor[p] @ eta
+
+    are an exact draw from the conditional law of the P pieces given the parent (they compose back
+    to ``L`` exactly).  This is the same construction as :func:`split` / :func:`split_discrete`
+    (z | B z = L = B⁺L + null(B) η), which draw ``eta`` as ``rng.standard_normal((r, batch))``:
+    fed the same ``eta`` they agree to rounding.
+
+    Continuous law: ``durations_ps`` (P piece lengths, ps).  ``mean_map`` is dimensionless and
+    depends only on the fractions; ``noise_factor`` is in sqrt(ps) and scales as sqrt(total
+    duration) — so a batch of intervals of different lengths split at the same fractions can use
+    one pair computed for a total of 1 ps, with ``noise_factor`` multiplied by sqrt(h / 1 ps).
+    Discrete law (engine paths): pass ``durations_ps=None`` (or the matching lengths),
+    ``n_steps_list`` (K_p steps per piece) and ``dt_ps``; r = Σ_p min(N, K_p) - rank.
+    """
+    m, f, p = _split_system(durations_ps, n_coefficients, n_steps_list, dt_ps)
+    n = m.shape[0]
+    b = m @ f
+    u, s, vt = np.linalg.svd(b, full_matrices=True)
+    r = int(np.sum(s > _RANK_RTOL * max(b.shape) * (s[0] if s.size else 0.0)))
+    mean_map = f @ (vt[:r].T @ (u[:, :r].T / s[:r, None]))  # (P*N, N)
+    noise = f @ vt[r:].T  # (P*N, dim z - r)
+    return mean_map.reshape(p, n, n), noise.reshape(p, n, -1)
 
 
 def sample_coefficients(

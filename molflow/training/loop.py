@@ -183,7 +183,7 @@ class Trainer:
                 pe.mul_(c.ema_decay).add_(pm.detach(), alpha=1 - c.ema_decay)
         self.step += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
-        out.update(loss=float(total), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps, lr=self.sched.get_last_lr()[0])
+        out.update(loss=float(total.detach()), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps, lr=self.sched.get_last_lr()[0])
         return out
 
     @torch.no_grad()

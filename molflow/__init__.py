@@ -21,7 +21,7 @@ _LAZY = {
     "Trajectory": ("molflow.trajectory", "Trajectory"),
     "train": ("molflow.training.loop", "train"),
     "FlowMap": ("molflow.sampling", "FlowMap"),
-    "floor": ("molflow.floor", "floor"),
+    "floor": ("molflow.noise_floor", "floor"),
     "MolflowError": ("molflow.errors", "MolflowError"),
     "InputError": ("molflow.errors", "InputError"),
     "SimulationError": ("molflow.errors", "SimulationError"),

@@ -167,7 +167,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _floor(args) -> int:
-    from .floor import floor
+    from .noise_floor import floor
 
     result = floor(args.system, tau_ps=_floats(args.tau_ps, "--tau-ps"),
                    n_coefficients=[int(n) for n in _floats(args.coefficients, "--coefficients")],

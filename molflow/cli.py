@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "Units: nm, ps, kJ/mol, K, amu.")
     parser.add_argument("--version", action="version", version=f"molflow {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or chatter")
+    common = argparse.ArgumentParser(add_help=False)  # --quiet also after the subcommand
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or chatter")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("simulate", help="reference Langevin MD with the Brownian path recorded",
                        description="Run R independent Langevin trajectories with OpenMM and record "
@@ -105,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM (timeout, batch schedulers) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         handlers = {"simulate": _simulate, "info": _info, "quickstart": _quickstart, "floor": _floor,
                     "train": _train}
@@ -115,8 +125,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return EXIT_RUNTIME if isinstance(exc, SimulationError) else EXIT_INPUT
     except KeyboardInterrupt:
-        print(f"molflow {args.command}: interrupted", file=sys.stderr)
+        print(f"\nmolflow {args.command}: interrupted{_kept(args)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `molflow info run.h5 | head`
+        sys.stderr.close()
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _kept(args) -> str:
+    """What an interrupted command left behind, for the user."""
+    out = getattr(args, "out", None)
+    if args.command == "simulate" and out and Path(out).exists():
+        from .md.engine import _complete_frames
+
+        return f"; kept {_complete_frames(Path(out))} complete frames in {out}: continue with --resume"
+    if args.command == "train" and out and Path(out).exists():
+        return f"; the last checkpoint is in {out}: continue with --resume"
+    return ""
 
 
 def _overrides(args) -> dict:
@@ -151,7 +178,7 @@ def _simulate(args) -> int:
                     **settings, **_overrides(args))
     if not args.quiet:
         a = traj.attrs
-        print(f"wrote {traj.path}: {traj.n_replicas} replicas x {traj.n_frames} frames, "
+        print(f"wrote {traj.path}: {traj.n_replicas} replica(s) x {traj.n_frames} frames, "
               f"seed {a['seed']}, {a['wall_clock_s']:.1f} s")
     traj.close()
     return 0

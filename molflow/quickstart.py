@@ -28,8 +28,11 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
     x = np.asarray(run.positions)
     v = np.asarray(run.velocities)
     phi, psi = phi_psi(x, system)
-    ke = 0.5 * (system.masses_amu[None, None, :, None] * v**2).sum((2, 3))
-    t_kin = 2 * ke / (3 * system.n_atoms * BOLTZMANN_KJ_MOL_K)
+    m = system.masses_amu[None, None, :, None]
+    t_kin = (m * v**2).sum((2, 3)) / (3 * system.n_atoms * BOLTZMANN_KJ_MOL_K)
+    # BAOAB's post-thermostat ("mid-step") velocity v - dt/2 f/m has the exact temperature
+    v_mid = v - 0.5 * system.timestep_fs / 1000.0 * np.asarray(run.forces) / m
+    t_mid = (m * v_mid**2).sum((2, 3)) / (3 * system.n_atoms * BOLTZMANN_KJ_MOL_K)
     energy = np.asarray(run.potential_energy)
     fig = ramachandran(phi, psi, out / "ramachandran.png", kT_kj_mol=system.kT_kj_mol,
                        title=f"alanine dipeptide, {replicas} x {time_ps:g} ps reference MD")
@@ -41,11 +44,14 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
         "replicas": replicas, "time_ps_per_replica": time_ps, "frames": run.n_frames,
         "seed": run.attrs["seed"], "platform": run.attrs["platform"], "hardware": run.attrs["hardware"],
         "wall_clock_s": run.attrs["wall_clock_s"],
-        "kinetic_temperature_K_mean": float(t_kin.mean()), "target_temperature_K": system.temperature_K,
+        "kinetic_temperature_K_mean": float(t_kin.mean()), "midstep_temperature_K_mean": float(t_mid.mean()),
+        "target_temperature_K": system.temperature_K,
+        "throughput_ns_per_day": run.attrs.get("throughput_ns_per_day"),
         "potential_energy_kj_mol_mean": float(energy.mean()), "phi_populations": basins,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    ns_per_day = replicas * time_ps / 1000 / max(summary["wall_clock_s"], 1e-9) * 86400
+    rate = summary["throughput_ns_per_day"]
+    rate_text = f"{rate:.0f} ns/day aggregate once running" if rate else "run too short to time"
     report = out / "report.md"
     report.write_text(
         f"# molflow quickstart: alanine dipeptide\n\n"
@@ -53,9 +59,12 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
         f"path recorded ({run.n_coefficients} Legendre coefficients per 100 fs frame): "
         f"`{run.path.name}`.\n\n"
         f"- replicas × time: {replicas} × {time_ps:g} ps ({run.n_frames} frames each), seed {summary['seed']}\n"
-        f"- platform: {summary['hardware']}; wall clock {summary['wall_clock_s']:.1f} s "
-        f"({ns_per_day:.1f} ns/day aggregate, equilibration included)\n"
-        f"- kinetic temperature: {summary['kinetic_temperature_K_mean']:.1f} K (target {system.temperature_K:g} K)\n"
+        f"- hardware: {summary['hardware']}; wall clock {summary['wall_clock_s']:.1f} s with setup and "
+        f"equilibration ({rate_text})\n"
+        f"- kinetic temperature: {summary['midstep_temperature_K_mean']:.1f} K from the post-thermostat "
+        f"velocities (target {system.temperature_K:g} K); {summary['kinetic_temperature_K_mean']:.1f} K from the "
+        f"recorded on-step velocities, which BAOAB keeps about 2% cool on stiff X-H bonds at 1 fs "
+        f"(each mode by 1 - (ω δt/2)²): expected, not a thermostat fault\n"
         f"- mean potential energy: {summary['potential_energy_kj_mol_mean']:.2f} kJ/mol\n"
         f"- φ < 0 (β / αR): {basins['beta_or_alphaR (phi<0)']:.3f}; φ > 0 (αL / C7ax): "
         f"{basins['alphaL_or_C7ax (phi>0)']:.3f}\n\n"

@@ -52,7 +52,12 @@ def systems_dir() -> Path:
     env = os.environ.get("MOLFLOW_SYSTEMS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "systems"
+    checkout = Path(__file__).resolve().parent.parent / "systems"  # source checkout / editable install
+    if checkout.is_dir():
+        return checkout
+    import sys
+
+    return Path(sys.prefix) / "share" / "molflow" / "systems"  # wheel install (pyproject data-files)
 
 
 def builtin_systems() -> list[str]:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -237,3 +238,76 @@ def test_resume_without_checkpoint_continues_from_last_frame(tmp_path, uninterru
     x = np.asarray(resumed.positions[:, n_short - 1: n_short + 1])
     assert np.abs(x[:, 1] - x[:, 0]).max() <= steps
     resumed.close()
+
+
+def test_script_without_main_guard_runs_with_worker_processes(tmp_path):
+    """Workers must not re-run the user's script (spawn would, and its overwrite=True would
+    truncate the run file under the parent)."""
+    script = tmp_path / "noguard.py"
+    script.write_text("import molflow\nprint('BODY')\n"
+                      "molflow.simulate('alanine_dipeptide', 'ng.h5', replicas=2, time_ps=0.2, frame_fs=50,\n"
+                      "                 equilibrate_ps=0.05, seed=3, workers=2, overwrite=True, progress=False)\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("BODY") == 1
+    with Trajectory(tmp_path / "ng.h5") as t:
+        assert t.n_frames == 5 and t.n_replicas == 2
+
+
+def _children(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find worker processes")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_never_outlive_the_main_process(tmp_path, sig):
+    out = tmp_path / "w.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "molflow", "--quiet", "simulate", "alanine_dipeptide",
+                             "--out", str(out), "--replicas", "4", "--workers", "2", "--time-ps", "50",
+                             "--equilibrate-ps", "0.1", "--seed", "4"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    kids = []
+    while time.time() < deadline and (_frames(out) < 1 or len(kids) < 2):
+        kids = _children(proc.pid)
+        time.sleep(0.05)
+    assert len(kids) >= 2, "no worker processes seen"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and "continue with --resume" in proc.stderr.read()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.1)
+    assert not any(_alive(k) for k in kids), "worker processes outlived the main process"
+    with Trajectory(out) as t:  # and the file is valid
+        assert t.n_frames >= 1
+
+
+def test_resume_refuses_unreadable_file_and_keeps_seed_of_empty_one(tmp_path, small_run):
+    bad = tmp_path / "trunc.h5"
+    bad.write_bytes(Path(small_run).read_bytes()[:5000])
+    with pytest.raises(InputError, match="cannot resume.*--overwrite"):
+        molflow.simulate("alanine_dipeptide", bad, time_ps=0.2, resume=True, progress=False)
+    from molflow.trajectory import TrajectoryWriter
+
+    empty = tmp_path / "empty.h5"
+    TrajectoryWriter.create(empty, 1, 22, 3, {"seed": 4242}).close()
+    t = molflow.simulate("alanine_dipeptide", empty, time_ps=0.2, equilibrate_ps=0.05, resume=True, progress=False)
+    assert t.attrs["seed"] == 4242 and t.n_frames == 3
+    t.close()

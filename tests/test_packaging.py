@@ -29,3 +29,21 @@ def test_console_script_and_ci_use_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     test_cmd = re.search(r"python -m pytest[^\n`]*", readme).group(0).strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_wheel_carries_every_subpackage_and_the_builtin_systems(tmp_path):
+    """A non-editable install must not depend on the checkout (it once lacked molflow/evaluation)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("molflow-*.whl"))).namelist()
+    packages = {str(p.parent.relative_to(ROOT)) for p in (ROOT / "molflow").rglob("__init__.py")}
+    for pkg in packages:
+        assert f"{pkg}/__init__.py" in names, pkg
+    for system in ("alanine_dipeptide", "trialanine"):
+        for f in ("system.yaml", "structure.pdb"):
+            assert any(n.endswith(f"share/molflow/systems/{system}/{f}") for n in names), (system, f)

@@ -22,6 +22,7 @@ import queue
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -244,7 +245,23 @@ def _drive_groups(spec: RunSpec, groups: list[tuple[int, int, GroupStart]], fram
             yield g.index, chunk, frames, g.checkpoint(), None
 
 
-def _worker_main(spec, groups, frames_per_chunk, out_q):  # pragma: no cover - runs in a subprocess
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker exit when the main process dies (SIGKILL included), on Linux via prctl."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(spec, groups, frames_per_chunk, out_q, parent_pid):  # pragma: no cover - subprocess
+    _die_with_parent(parent_pid)
     try:
         for item in _drive_groups(spec, groups, frames_per_chunk):
             out_q.put(item)
@@ -300,7 +317,13 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         raise InputError("coefficients must be between 0 and 8")
     if time_ps < 0 or equilibrate_ps < 0:
         raise InputError("time and equilibration must be >= 0 ps")
+    if not frame_fs > 0:
+        raise InputError(f"the frame interval must be positive, got {frame_fs:g} fs")
     steps_per_frame = _ratio(frame_fs, mol.timestep_fs, "frame interval", "timestep")
+    if n_coefficients > steps_per_frame:
+        warnings.warn(f"{n_coefficients} coefficients over {steps_per_frame} steps per frame: a path of "
+                      f"{steps_per_frame} steps has only {steps_per_frame} independent coefficients; the "
+                      "rest are zero or dependent (record more steps per frame)", stacklevel=2)
     n_total_frames = _ratio(time_ps * 1000.0, frame_fs, "run time", "frame interval") + 1
     platform_name = resolve_platform(platform)
     on_gpu = platform_name in GPU_PLATFORMS
@@ -323,14 +346,19 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     existing = out.exists()
     if existing and not (resume or overwrite):
         raise InputError(f"{out} exists: pass --resume to continue it or --overwrite to replace it")
-    if resume and existing and _complete_frames(out) == 0:
-        existing = False  # nothing usable: start fresh
     if resume and existing:
-        with Trajectory(out) as old:
-            a = old.attrs
-        seed = int(a["seed"]) if seed is None else int(seed)
-    else:
-        seed = random_seed() if seed is None else int(seed)
+        try:
+            with Trajectory(out) as old:
+                a, n_old = old.attrs, old.n_frames
+        except InputError as exc:
+            raise InputError(f"cannot resume: {exc}; use --overwrite to start again") from None
+        if seed is None and "seed" in a:
+            seed = int(a["seed"])  # keep the recorded seed, also when no frame was complete
+        if n_old == 0:
+            existing = False  # no complete frame: start fresh (same seed)
+            if progress:
+                print(f"molflow simulate: {out} has no complete frame; starting it again", file=sys.stderr)
+    seed = random_seed() if seed is None else int(seed)
     if seed <= 0:
         raise InputError("seed must be a positive integer")
 
@@ -373,8 +401,11 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         if used_state:
             restarts += 1
             writer.set_attrs(n_restarts=restarts)
-        writer.set_attrs(time_ps_requested=float(time_ps), platform=platform_name,
-                         hardware=attrs["hardware"])
+        if progress:
+            how = "its last frame's state (no usable checkpoint)" if used_state else "the OpenMM checkpoint"
+            print(f"molflow simulate: resuming {out} at frame {n_done} from {how}", file=sys.stderr)
+        writer.set_attrs(time_ps_requested=max(float(time_ps), float(a.get("time_ps_requested", 0))),
+                         platform=platform_name, hardware=attrs["hardware"])
         start_positions = mol.positions_nm
     else:
         if existing:
@@ -399,6 +430,12 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         per_frame_s = 8e-5 * steps_per_frame * cpc * (0.05 if on_gpu else 1.0)
         chunk_frames = int(np.clip(2.0 / max(per_frame_s, 1e-9), 1, 100))
     chunks = [min(chunk_frames, remaining - s) for s in range(0, remaining, chunk_frames)]
+    if resume and n_done and not chunks:
+        writer.close()
+        if progress:
+            print(f"molflow simulate: nothing to do, {out} already holds {n_done} frames "
+                  f"({(n_done - 1) * frame_fs / 1000:g} ps)", file=sys.stderr)
+        return Trajectory(out)
     dt_frame_ps = frame_fs / 1000.0
 
     n_workers = 1 if on_gpu else max(1, min(workers or (os.cpu_count() or 1), len(group_sizes)))
@@ -419,9 +456,13 @@ def _run_workers(spec, assignment, chunks, n_workers):
     if n_workers == 1:
         yield from _drive_groups(spec, assignment[0], chunks)
         return
-    ctx = mp.get_context("spawn")
+    # fork where available: spawn would re-import the caller's __main__ (a script without an
+    # `if __name__ == "__main__"` guard would run again in every worker). The parent holds no
+    # OpenMM Context and no threads of ours at this point, so forking is safe.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     q = ctx.Queue(maxsize=4 * sum(len(a) for a in assignment))
-    procs = [ctx.Process(target=_worker_main, args=(spec, a, chunks, q), daemon=True) for a in assignment]
+    procs = [ctx.Process(target=_worker_main, args=(spec, a, chunks, q, os.getpid()), daemon=True)
+             for a in assignment]
     for p in procs:
         p.start()
     try:
@@ -563,7 +604,7 @@ def hardware_description(platform: str) -> str:
 
             name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                   capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-            return f"{platform}: {name}"
+            return f"{name} (OpenMM {platform} platform)"
         except Exception:
             return platform
     cpu = _platform.processor() or _platform.machine()
@@ -574,7 +615,7 @@ def hardware_description(platform: str) -> str:
                 break
     except OSError:
         pass
-    return f"{platform}: {cpu} ({os.cpu_count()} cores)"
+    return f"{cpu}, {os.cpu_count()} cores (OpenMM {platform} platform)"
 
 
 def _platform_works(name: str) -> bool:
@@ -636,7 +677,7 @@ def _complete_frames(path: Path) -> int:
     try:
         with Trajectory(path) as t:
             return t.n_frames
-    except Exception:
+    except InputError:
         return 0
 
 

@@ -113,7 +113,8 @@ def test_recentring_keeps_file_positions_continuous(ala2):
 
 def test_explosion_stops_with_clear_error_and_keeps_good_frames(tmp_path):
     out = tmp_path / "boom.h5"
-    with pytest.raises(SimulationError, match="exploded|blew up|grew") as err:
+    with pytest.raises(SimulationError, match="exploded|blew up|grew") as err, \
+            pytest.warns(UserWarning, match="only 2 independent coefficients"):
         molflow.simulate("alanine_dipeptide", out, replicas=2, time_ps=0.07, frame_fs=7, equilibrate_ps=0,
                          seed=3, timestep_fs=3.5, progress=False, workers=1)  # 3.5 fs: H atoms unstable
     assert "good frames" in str(err.value)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..sde import free_langevin_conditional
 from .painn import PaiNN
 
 ELEMENTS = ("H", "C", "N", "O", "S")
 MAX_GRAPH_DISTANCE = 4  # bonded graph distance one-hot: 1, 2, 3, >= 4 bonds
 TAU_V_PS = 0.01  # velocity-correction onset: ~ the fastest vibrations (C-H period 11 fs)
-N_QUAD = 48
 
 
 @dataclasses.dataclass
@@ -93,54 +93,6 @@ def atom_features(system) -> tuple[np.ndarray, np.ndarray]:
     return scal, edges
 
 
-def ou_terms(tau: torch.Tensor, gamma: float, n_coefficients: int) -> dict[str, torch.Tensor]:
-    """Exact OU pieces for jump lengths ``tau`` (B,) ps, computed in float64.
-
-    Returns c_xv (B,) [ps] (x gain from v), c_vv (B,) (v decay), a (B, N) [ps] and b (B, N) [1]: the
-    projection weights of ∫f_x dW and ∫f_v dW on L^(n), and the Cholesky factor (r_xx, r_vx, r_vv)
-    (B,) of the remainder's covariance per unit sigma, in sqrt(ps)^3, sqrt(ps), sqrt(ps).
-    """
-    t = tau.to(torch.float64).clamp_min(1e-12)
-    nodes, weights = np.polynomial.legendre.leggauss(N_QUAD)
-    u01 = torch.as_tensor((nodes + 1) / 2, dtype=torch.float64, device=tau.device)  # (Q,)
-    w01 = torch.as_tensor(weights / 2, dtype=torch.float64, device=tau.device)
-    u = t[:, None] * u01[None, :]  # (B, Q) time since s
-    decay = torch.exp(-gamma * (t[:, None] - u))
-    f_v = decay
-    f_x = (1 - decay) / gamma
-    N = n_coefficients
-    if N:
-        P = _shifted_legendre(N - 1, u01)  # (N, Q)
-        scale = (2 * torch.arange(N, dtype=torch.float64, device=tau.device) + 1)
-        a = torch.einsum("bq,nq,q->bn", f_x, P, w01) * scale  # (2n+1)/tau ∫_0^tau f P du = (2n+1)∫_0^1 f P dv
-        b = torch.einsum("bq,nq,q->bn", f_v, P, w01) * scale
-        var_n = t[:, None] / scale  # Var L^(n) = tau/(2n+1)
-        proj_xx = (a**2 * var_n).sum(1)
-        proj_vv = (b**2 * var_n).sum(1)
-        proj_xv = (a * b * var_n).sum(1)
-    else:
-        a = b = torch.zeros(len(t), 0, dtype=torch.float64, device=tau.device)
-        proj_xx = proj_vv = proj_xv = torch.zeros_like(t)
-    vxx = (f_x**2 * w01).sum(1) * t - proj_xx
-    vvv = (f_v**2 * w01).sum(1) * t - proj_vv
-    vxv = (f_x * f_v * w01).sum(1) * t - proj_xv
-    r_xx = vxx.clamp_min(0).sqrt()
-    r_vx = torch.where(r_xx > 1e-15, vxv / r_xx.clamp_min(1e-15), torch.zeros_like(vxv))
-    r_vv = (vvv - r_vx**2).clamp_min(0).sqrt()
-    return {"c_xv": -torch.expm1(-gamma * t) / gamma, "c_vv": torch.exp(-gamma * t), "a": a, "b": b,
-            "r_xx": r_xx, "r_vx": r_vx, "r_vv": r_vv}
-
-
-def _shifted_legendre(n_max: int, u: torch.Tensor) -> torch.Tensor:
-    x = 2 * u - 1
-    out = [torch.ones_like(x)]
-    if n_max >= 1:
-        out.append(x)
-    for n in range(1, n_max):
-        out.append(((2 * n + 1) * x * out[n] - n * out[n - 1]) / (n + 1))
-    return torch.stack(out[: n_max + 1])
-
-
 class MolecularFlowMap(nn.Module):
     """The molecular map: exact OU part + equivariant correction (see module docstring)."""
 
@@ -172,7 +124,10 @@ class MolecularFlowMap(nn.Module):
                 tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One jump. x, v (B,A,3); L (B,N,A,3); eps (B,k,A,3); tau (B,) ps -> (x_t, v_t)."""
         dtype = x.dtype
-        ou = {k: val.to(dtype) for k, val in ou_terms(tau, self.gamma, self.config.n_coefficients).items()}
+        o = free_langevin_conditional(tau, self.gamma, self.config.n_coefficients)
+        ou = {"c_xv": o["phi"], "c_vv": o["decay"], "a": o["cx"], "b": o["cv"], "r_xx": o["chol"][:, 0, 0],
+              "r_vx": o["chol"][:, 1, 0], "r_vv": o["chol"][:, 1, 1]}
+        ou = {k: val.to(dtype) for k, val in ou.items()}
         sig = self.sigma[None, :, None]  # (1,A,1)
 
         def per_b(t):  # (B,) -> (B,1,1)

@@ -31,8 +31,11 @@ Modes of a trained map (:func:`predict`, :func:`rollout`): ``"sample"`` — one 
 (exact-in-law rollouts); ``"mean"`` — ε averaged out: the average of ``n_mean`` outputs with
 independent ε, a Monte Carlo estimate of E[T(z, L, ε) | z, L], which is the best pathwise
 (squared-error) estimate for a map trained to the conditional law.  (ε = 0 is *not* used: it is the
-mean only for maps affine in ε, and an MLP is not; for an mse-trained map, which ignores ε, the
-average equals a single output.)
+mean only for maps affine in ε, and an MLP is not; an mse-trained map learns to ignore ε, so for it
+the average is close to a single output.)  ``mean`` costs ``n_mean`` evaluations per jump.
+
+Random numbers come from a ``torch.Generator`` where one is passed; draws are made on the
+generator's device and moved to the data's device, so a CPU generator also drives GPU training.
 
 Time units are those of the SDE (ps for molecules, arbitrary for the toys).
 """
@@ -79,6 +82,16 @@ __all__ = [
 ]
 
 _NORM_EPS = 1e-12  # added under square roots: keeps gradients finite where two samples coincide
+# (a bias of at most 1e-6 in feature units: features are meant to be O(1), i.e. normalised)
+
+
+def _gen_device(generator, device):
+    return generator.device if generator is not None else device
+
+
+def _randn(shape, generator, dtype, device) -> torch.Tensor:
+    """Standard normals drawn on the generator's device (if any), returned on ``device``."""
+    return torch.randn(shape, generator=generator, dtype=dtype, device=_gen_device(generator, device)).to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +264,7 @@ def _apply_split(L: torch.Tensor, mm: np.ndarray, ff: np.ndarray, noise_scale, g
     flat = L.reshape(b, n, -1)
     mt = torch.as_tensor(mm, dtype=L.dtype, device=L.device)
     ft = torch.as_tensor(ff, dtype=L.dtype, device=L.device)
-    eta = torch.randn((b, ft.shape[2], flat.shape[2]), generator=generator, dtype=L.dtype, device=L.device)
+    eta = _randn((b, ft.shape[2], flat.shape[2]), generator, L.dtype, L.device)
     out = torch.einsum("pnk,bkw->pbnw", mt, flat)
     noise = torch.einsum("pnr,brw->pbnw", ft, eta)
     if noise_scale is not None:
@@ -338,7 +351,7 @@ def sample_coefficients_torch(tau: torch.Tensor, n_coefficients: int, w_shape, g
     b = tau.shape[0]
     k = 2.0 * torch.arange(n_coefficients, dtype=tau.dtype, device=tau.device) + 1.0
     std = torch.sqrt(tau[:, None] / k[None, :]).reshape((b, n_coefficients) + (1,) * len(w_shape))
-    return std * torch.randn((b, n_coefficients) + w_shape, generator=generator, dtype=tau.dtype, device=tau.device)
+    return std * _randn((b, n_coefficients) + w_shape, generator, tau.dtype, tau.device)
 
 
 def compose_consecutive(pieces: torch.Tensor) -> torch.Tensor:
@@ -415,9 +428,9 @@ def log_uniform_tau(n: int, tau_min: float, tau_max: float, generator: torch.Gen
         h = float(dyadic_base)
         jmin = math.ceil(math.log2(tau_min / h) - 1e-9)
         jmax = max(jmin, math.floor(math.log2(tau_max / h) + 1e-9))
-        j = torch.randint(jmin, jmax + 1, (n,), generator=generator, device=device)
+        j = torch.randint(jmin, jmax + 1, (n,), generator=generator, device=_gen_device(generator, device)).to(device)
         return (h * torch.pow(2.0, j.double())).to(dtype)
-    u = torch.rand((n,), generator=generator, dtype=torch.float64, device=device)
+    u = torch.rand((n,), generator=generator, dtype=torch.float64, device=_gen_device(generator, device)).to(device)
     lo, hi = math.log(tau_min), math.log(max(tau_max, tau_min))
     return torch.exp(lo + u * (hi - lo)).to(dtype)
 
@@ -433,8 +446,11 @@ class SSFMConfig:
     mse).  beta: energy-score exponent.  crps_weight: weight of the per-coordinate CRPS added to
     the energy score.  fractions: share of each batch per loss (local, semigroup, direct;
     normalised).  h0: base interval (the data's frame interval).  tau_max: longest jump.
-    curriculum_fraction: share of training over which the longest τ grows from 2·h0 to tau_max.
-    dyadic: semigroup/direct τ on the grid h0·2^j.  tau_power: scores weighted by τ^(-tau_power).
+    tau_min: shortest semigroup/direct jump (None: 2·h0).
+    curriculum_fraction: share of training over which the longest τ grows from tau_min to tau_max.
+    dyadic: semigroup/direct τ on the grid h0·2^j (then tau_max, tau_min must lie on it; use
+    dyadic=False for other τ: log-uniform τ, direct jumps rounded to whole frames).
+    tau_power: scores weighted by τ^(-tau_power).
     ema_decay: teacher EMA factor.  lr, lr_final_fraction (cosine decay to lr·fraction),
     weight_decay, grad_clip (max gradient norm; None: off), steps (optimiser steps), batch_size,
     seed (torch generator for sampling), log_every (history interval in steps).
@@ -447,6 +463,7 @@ class SSFMConfig:
     fractions: dict = field(default_factory=lambda: {"local": 0.25, "semigroup": 0.75, "direct": 0.0})
     h0: float = 0.01
     tau_max: float = 0.5
+    tau_min: float | None = None
     curriculum_fraction: float = 0.5
     dyadic: bool = True
     tau_power: float = 1.0
@@ -459,6 +476,25 @@ class SSFMConfig:
     batch_size: int = 256
     seed: int = 0
     log_every: int = 100
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent settings (e.g. a tau_max off the dyadic grid)."""
+        if self.objective not in ("energy", "mse"):
+            raise ValueError(f"objective must be 'energy' or 'mse', got {self.objective!r}")
+        if self.objective == "energy" and self.n_latent is not None and self.n_latent < 2:
+            raise ValueError("the energy score needs n_latent >= 2")
+        if not (self.h0 > 0 and self.tau_max >= self.h0):
+            raise ValueError("need h0 > 0 and tau_max >= h0")
+        long_jumps = any(float(self.fractions.get(k, 0)) > 0 for k in ("semigroup", "direct"))
+        if self.dyadic and long_jumps:
+            for name in ("tau_max", "tau_min"):
+                val = getattr(self, name)
+                if val is None:
+                    continue
+                j = math.log2(val / self.h0)
+                if abs(j - round(j)) > 1e-6:
+                    raise ValueError(f"{name} = {val} is not h0·2^j (h0 = {self.h0}) but dyadic=True: the "
+                                     f"longest jumps would never be trained; choose h0 or set dyadic=False")
 
     def counts(self) -> dict:
         """Items per loss in one batch (largest remainder; every positive fraction gets ≥ 1)."""
@@ -483,14 +519,16 @@ class TrajectoryDataSampler:
 
     ``frames`` (R, F, *S) at interval ``h0``; ``coefficients`` (R, F-1, N, *W) of each frame
     interval.  Called as ``sampler(kind, n, tau_max=..., generator=...)`` it returns a dict with
-    ``z_s``, ``tau`` (n,), ``L`` and, for "local"/"direct", ``z_t``:
+    ``z_s``, ``tau`` (n,), ``L`` and, for "local"/"direct", ``z_t`` (τ of semigroup/direct items
+    log-uniform, or dyadic h0·2^j, in [tau_min (default 2·h0), tau_max]):
 
     * "local": adjacent frames, their recorded coefficients, τ = h0;
     * "direct": frames k apart (τ = k·h0 ≤ tau_max, log-uniform / dyadic), recorded coefficients
       composed exactly over the k intervals (true samples of the conditional law);
     * "semigroup": a recorded start state, τ ∈ [2h0, tau_max], fresh coefficients (continuous law).
 
-    States and coefficients are converted to ``dtype``.
+    ``dyadic`` is the default of the call's ``dyadic`` argument (``train_ssfm`` passes
+    ``config.dyadic``).  States and coefficients are converted to ``dtype``.
     """
 
     def __init__(self, frames: torch.Tensor, coefficients: torch.Tensor, h0: float, *, dyadic: bool = True,
@@ -506,19 +544,23 @@ class TrajectoryDataSampler:
         self.w_shape = tuple(coefficients.shape[3:])
 
     def _starts(self, n, max_offset, generator):
-        r = torch.randint(0, self.n_replicas, (n,), generator=generator)
-        f = torch.randint(0, self.n_frames - max_offset, (n,), generator=generator)
+        dev = _gen_device(generator, "cpu")
+        r = torch.randint(0, self.n_replicas, (n,), generator=generator, device=dev).to(self.frames.device)
+        f = torch.randint(0, self.n_frames - max_offset, (n,), generator=generator, device=dev).to(self.frames.device)
         return r, f
 
-    def __call__(self, kind: str, n: int, *, tau_max: float, generator: torch.Generator | None = None) -> dict:
-        dt = self.frames.dtype
+    def __call__(self, kind: str, n: int, *, tau_max: float, tau_min: float | None = None,
+                 dyadic: bool | None = None, generator: torch.Generator | None = None) -> dict:
+        dt, dev = self.frames.dtype, self.frames.device
         if kind == "local":
             r, f = self._starts(n, 1, generator)
             return {"z_s": self.frames[r, f], "z_t": self.frames[r, f + 1], "L": self.coefficients[r, f],
-                    "tau": torch.full((n,), self.h0, dtype=dt)}
+                    "tau": torch.full((n,), self.h0, dtype=dt, device=dev)}
         longest = min(float(tau_max), (self.n_frames - 1) * self.h0)
-        tau = log_uniform_tau(n, min(2 * self.h0, longest), longest, generator,
-                              dyadic_base=self.h0 if self.dyadic else None, dtype=torch.float64)
+        shortest = 2.0 * self.h0 if tau_min is None else float(tau_min)
+        tau = log_uniform_tau(n, min(shortest, longest), longest, generator,
+                              dyadic_base=self.h0 if (self.dyadic if dyadic is None else dyadic) else None,
+                              dtype=torch.float64, device=dev)
         if kind == "semigroup":
             r, f = self._starts(n, 0, generator)
             tau = tau.to(dt)
@@ -526,15 +568,15 @@ class TrajectoryDataSampler:
                     "L": sample_coefficients_torch(tau, self.n_coefficients, self.w_shape, generator)}
         if kind == "direct":
             k = torch.round(tau / self.h0).long().clamp(1, self.n_frames - 1)
-            z_s = torch.empty((n,) + tuple(self.frames.shape[2:]), dtype=dt)
+            z_s = torch.empty((n,) + tuple(self.frames.shape[2:]), dtype=dt, device=dev)
             z_t = torch.empty_like(z_s)
-            L = torch.empty((n,) + tuple(self.coefficients.shape[2:]), dtype=dt)
+            L = torch.empty((n,) + tuple(self.coefficients.shape[2:]), dtype=dt, device=dev)
             for kk in torch.unique(k).tolist():
                 idx = torch.nonzero(k == kk).reshape(-1)
                 r, f = self._starts(idx.numel(), kk, generator)
                 z_s[idx] = self.frames[r, f]
                 z_t[idx] = self.frames[r, f + kk]
-                steps = f[:, None] + torch.arange(kk)[None, :]
+                steps = f[:, None] + torch.arange(kk, device=dev)[None, :]
                 L[idx] = compose_consecutive(self.coefficients[r[:, None], steps])
             return {"z_s": z_s, "z_t": z_t, "L": L, "tau": k.to(dt) * self.h0}
         raise ValueError(f"unknown item kind {kind!r}")
@@ -545,7 +587,7 @@ def gaussian_latent(shape) -> Callable:
     shape = (int(shape),) if isinstance(shape, int) else tuple(shape)
 
     def latent_fn(batch_size, generator=None, dtype=torch.float32, device=None):
-        return torch.randn((batch_size,) + shape, generator=generator, dtype=dtype, device=device)
+        return _randn((batch_size,) + shape, generator, dtype, device or "cpu")
 
     return latent_fn
 
@@ -556,17 +598,20 @@ def train_ssfm(model: nn.Module, data_sampler: Callable, config: SSFMConfig, *, 
     """Generic SSFM training loop (toys; the molecular trainer may reuse only the losses).
 
     Each optimiser step draws a batch split over the losses by ``config.fractions``
-    (``data_sampler(kind, n, tau_max=current longest τ, generator=g)`` -> dict, see
+    (``data_sampler(kind, n, tau_min=..., tau_max=current longest τ, dyadic=config.dyadic,
+    generator=g)`` -> dict, see
     :class:`TrajectoryDataSampler`), computes each loss, and minimises Σ_k (n_k/B)·loss_k; then the
     EMA teacher is updated.  The longest τ follows :func:`curriculum_tau_max`.
     ``callback(step, record)`` is called at every log step.
     Returns ``{"ema": EMA, "history": [records], "wall_s": seconds, "config": dict}``; a record
     holds step, lr, tau_cur, loss and per-loss score/error/spread (floats).
     """
+    config.validate()
     g = torch.Generator().manual_seed(int(config.seed))
     ema = ema or EMA(model, config.ema_decay)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     counts = config.counts()
+    tau_min = 2.0 * config.h0 if config.tau_min is None else float(config.tau_min)
     kw = dict(latent_fn=latent_fn, objective=config.objective, n_latent=config.n_latent,
               score_features=score_features, beta=config.beta, crps_weight=config.crps_weight,
               tau_power=config.tau_power, generator=g)
@@ -578,11 +623,12 @@ def train_ssfm(model: nn.Module, data_sampler: Callable, config: SSFMConfig, *, 
         lr = config.lr * (config.lr_final_fraction + (1 - config.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
-        tau_cur = curriculum_tau_max(step, config.steps, config.h0, config.tau_max, config.curriculum_fraction)
+        tau_cur = curriculum_tau_max(step, config.steps, config.h0, config.tau_max, config.curriculum_fraction,
+                                     start=tau_min)
         total = 0.0
         diags = {}
         for kind, n in counts.items():
-            item = data_sampler(kind, n, tau_max=tau_cur, generator=g)
+            item = data_sampler(kind, n, tau_min=tau_min, tau_max=tau_cur, dyadic=config.dyadic, generator=g)
             if kind == "semigroup":
                 loss, d = semigroup_loss(model, ema.model, item["z_s"], item["L"], item["tau"], split_fn=split_fn, **kw)
             else:
@@ -727,7 +773,7 @@ class ToyFlowMap(nn.Module):
 
     def latent_fn(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         p = self.state_scale
-        return torch.randn((batch_size, self.latent_dim), generator=generator, dtype=p.dtype, device=p.device)
+        return _randn((batch_size, self.latent_dim), generator, p.dtype, p.device)
 
     def base_map(self, z: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         if self.base == "identity":
@@ -736,7 +782,8 @@ class ToyFlowMap(nn.Module):
             return z + L[:, 0].reshape(z.shape[0], -1) @ self.g_matrix.to(z)
         g = self.g_full[self.noise_index].to(z)
         n = self.state_dim // 2
-        c = {k: v.to(z.dtype) for k, v in _ou_cached(self, tau).items()}
+        c = {k: v.to(z.dtype) for k, v in _ou_coefficients(self, tau).items()}
+        L = L[:, : self.n_coefficients]
         x, v = z[:, :n], z[:, n:]
         x_new = x + c["phi"][:, None] * v + g * torch.einsum("bn,bnk->bk", c["cx"], L)
         v_new = c["decay"][:, None] * v + g * torch.einsum("bn,bnk->bk", c["cv"], L)
@@ -760,7 +807,7 @@ class ToyFlowMap(nn.Module):
         return self.base_map(z, L, eps, tau) + self.state_scale * step * corr
 
 
-def _ou_cached(model: ToyFlowMap, tau: torch.Tensor) -> dict:
+def _ou_coefficients(model: ToyFlowMap, tau: torch.Tensor) -> dict:
     """Free-Langevin conditional coefficients for ``tau``, computed per unique τ (float64)."""
     from .sde import free_langevin_conditional
 

@@ -68,10 +68,7 @@ def recording_integrator(temperature_K: float, friction_per_ps: float, timestep_
 def read_coefficients(integrator, n_coefficients: int) -> np.ndarray:
     """(N, n_particles, 3) coefficients accumulated over the last full frame, in sqrt(ps)."""
     if n_coefficients == 0:
-        return np.zeros((0, integrator_num_particles(integrator), 3))
+        return np.zeros((0, len(integrator.getPerDofVariableByName("xi")), 3))
     return np.stack([np.asarray(integrator.getPerDofVariableByName(f"L{n}"), dtype=np.float64)
                      for n in range(n_coefficients)])
 
-
-def integrator_num_particles(integrator) -> int:
-    return len(integrator.getPerDofVariableByName("xi"))

@@ -270,9 +270,7 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
         map_cfg = MapConfig(**ck["map_config_json"])
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, int(ck["seed"]))
         trainer.load_state(ck)
-    else:
-        if out.exists() and not resume:
-            pass  # training output is replaced (checkpoints are cheap to remake); resume keeps it
+    else:  # a fresh run replaces an existing --out (pass resume=True to continue it)
         seed = random_seed() if seed is None else int(seed)
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
     if progress:

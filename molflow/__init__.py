@@ -22,6 +22,7 @@ _LAZY = {
     "train": ("molflow.training.loop", "train"),
     "FlowMap": ("molflow.sampling", "FlowMap"),
     "floor": ("molflow.noise_floor", "floor"),
+    "evaluate": ("molflow.evaluation.report", "evaluate"),
     "MolflowError": ("molflow.errors", "MolflowError"),
     "InputError": ("molflow.errors", "InputError"),
     "SimulationError": ("molflow.errors", "SimulationError"),

@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, ...)")
 
+    p = sub.add_parser("evaluate", help="judge samples (or MD) against long reference MD",
+                       description="Stationary, kinetic, pathwise and cost metrics of --samples against "
+                                   "--reference, with equal-cost and noise-floor rows: DIR/metrics.json, "
+                                   "DIR/report.md and PNG figures.")
+    p.add_argument("--reference", required=True, help="reference MD run file")
+    p.add_argument("--samples", required=True, help="sampled run file (or another MD run)")
+    p.add_argument("--report", required=True, help="output folder")
+
     p = sub.add_parser("info", help="what a run file or checkpoint holds")
     p.add_argument("file", help="a molflow HDF5 file")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         handlers = {"simulate": _simulate, "info": _info, "quickstart": _quickstart, "floor": _floor,
-                    "train": _train}
+                    "train": _train, "evaluate": _evaluate}
         return handlers[args.command](args)
     except MolflowError as exc:
         print(f"molflow {args.command}: error: {exc}", file=sys.stderr)
@@ -228,6 +236,15 @@ def _train(args) -> int:
                 resume=args.resume, config=config, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out} (metrics: {out}.metrics.csv)")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluation.report import evaluate
+
+    evaluate(args.reference, args.samples, args.report, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {Path(args.report) / 'metrics.json'} and {Path(args.report) / 'report.md'}")
     return 0
 
 

@@ -44,3 +44,87 @@ def ramachandran(phi: np.ndarray, psi: np.ndarray, path: str | Path, title: str 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Path]:
+    """The evaluator's PNGs: Ramachandran (reference | samples | difference), 1-D free energies,
+    autocorrelations and implied timescales. Returns the paths written."""
+    from . import metrics as M
+
+    plt = _plt()
+    kT = system.kT_kj_mol
+    out_dir = Path(out_dir)
+    paths = []
+    # Ramachandran side by side
+    p_ref = M.phi_psi_histogram(ref.phi.ravel(), ref.psi.ravel())
+    p_s = M.phi_psi_histogram(smp.phi.ravel(), smp.psi.ravel())
+    f_ref, f_s = M.free_energy(p_ref, kT), M.free_energy(p_s, kT)
+    edges = np.linspace(-180, 180, p_ref.shape[0] + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    vmax = np.nanpercentile(np.concatenate([f_ref[np.isfinite(f_ref)], f_s[np.isfinite(f_s)]]), 99)
+    for ax, f, title in ((axes[0], f_ref, "reference"), (axes[1], f_s, "samples")):
+        im = ax.pcolormesh(edges, edges, np.ma.masked_invalid(f).T, cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"{title}: F (kJ/mol)")
+        fig.colorbar(im, ax=ax)
+    diff = f_s - f_ref
+    diff -= np.nanmean(diff)
+    lim = np.nanpercentile(np.abs(diff), 95) if np.isfinite(diff).any() else 1.0
+    im = axes[2].pcolormesh(edges, edges, np.ma.masked_invalid(diff).T, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    axes[2].set_title("samples - reference (kJ/mol)")
+    fig.colorbar(im, ax=axes[2])
+    for ax in axes:
+        ax.set_xlabel("φ (deg)")
+        ax.set_ylabel("ψ (deg)")
+    fig.suptitle(f"JS(φ,ψ) = {result['stationary']['js_phi_psi']:.3g}")
+    fig.tight_layout()
+    paths.append(out_dir / "ramachandran.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # 1-D free-energy profiles
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.linspace(-np.pi, np.pi, 65)
+    centres = np.degrees(0.5 * (bins[1:] + bins[:-1]))
+    for ax, name in zip(axes, ("phi", "psi")):
+        for run, style in ((ref, "k-"), (smp, "C1--")):
+            h, _ = np.histogram(getattr(run, name).ravel(), bins=bins, density=True)
+            with np.errstate(divide="ignore"):
+                f = -kT * np.log(h)
+            ax.plot(centres, f - np.nanmin(f[np.isfinite(f)]), style, label=run.label)
+        ax.set_xlabel(f"{'φ' if name == 'phi' else 'ψ'} (deg)")
+        ax.set_ylabel("F (kJ/mol)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "free_energy_1d.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # autocorrelations
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("autocorr_phi", "autocorr_psi")):
+        for who, style in (("reference", "k-"), ("samples", "C1o--")):
+            ac = result["kinetics"][who][key]
+            ax.plot(ac["lag_ps"], ac["value"], style, label=who, markersize=3)
+        ax.set_xlabel("lag (ps)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "autocorrelation.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # implied timescales
+    its = {w: result["kinetics"][w].get("implied_timescale_ns") or {} for w in ("reference", "samples")}
+    if any(v.get("timescales_ns") for v in its.values()):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for who, style in (("reference", "k-o"), ("samples", "C1--s")):
+            v = its[who]
+            if v.get("timescales_ns"):
+                ts = np.array([t[0] if t else np.nan for t in v["timescales_ns"]])
+                ax.plot(v["lags_ps"], ts, style, label=f"{who}, slowest")
+        ax.set_xlabel("lag (ps)")
+        ax.set_ylabel("implied timescale (ns)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "implied_timescales.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,268 @@
+"""``molflow evaluate``: judge a sampled (or MD) run against long reference MD, files in, report out.
+
+    >>> molflow.evaluate("ref.h5", "samples.h5", "report/")
+
+Writes ``report/metrics.json`` (nested, snake_case, units in names), ``report/report.md`` and PNG
+figures. Conventions (DESIGN.md section 7) are stated in both. Three rows share the same keys:
+the samples against the reference; ``equal_cost`` — the reference shortened to the simulated time
+its engine made in the sampler's wall-clock — against the full reference; ``noise_floor`` — two
+independent halves of the reference against each other. A number the data cannot estimate is
+``null`` with its reason beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..trajectory import Trajectory
+from . import metrics as M
+from .dihedrals import dihedral_angles
+
+MAX_STRUCTURE_FRAMES = 4000  # frames (over all replicas) used for bond/energy distributions
+CONVENTIONS = {
+    "dihedrals": "central residue phi/psi from the topology (alanine dipeptide: (4,6,8,14), (6,8,14,16), 0-based)",
+    "js": "Jensen-Shannon divergence of (phi, psi), 64x64 bins on [-pi, pi]^2, natural log, divergence not root",
+    "free_energy": "F = -kT ln p on the same grid; RMSE (kJ/mol) over bins populated in the reference after "
+                   "removing the best constant offset",
+    "kinetics": "core-set transitions of phi (beta/alphaR core -150..-30 deg <-> alphaL/C7ax core 30..100 deg) "
+                "with hysteresis; MSM implied timescales on a 6x6 (phi, psi) grid at lags that are multiples of the "
+                "samples' tau (frame interval for MD); Chapman-Kolmogorov: one 2tau estimate vs two tau steps",
+    "rows": "equal_cost = reference shortened to the simulated time its engine made in the sampler's wall-clock; "
+            "noise_floor = two independent halves of the reference",
+}
+
+
+@dataclasses.dataclass
+class RunData:
+    """What the evaluator needs from one run (angles radians, times ps)."""
+
+    label: str
+    phi: np.ndarray  # (R, F)
+    psi: np.ndarray
+    dt_ps: float
+    positions: np.ndarray  # (S, A, 3) subsample for structure/energy distributions
+    energies: np.ndarray | None  # (S,)
+    attrs: dict[str, Any]
+    weights: np.ndarray | None = None
+
+    @property
+    def simulated_ns(self) -> float:
+        return self.phi.shape[0] * max(self.phi.shape[1] - 1, 0) * self.dt_ps / 1000.0
+
+    def subset(self, replicas=None, frames: slice | None = None, label: str | None = None) -> "RunData":
+        r = slice(None) if replicas is None else replicas
+        f = slice(None) if frames is None else frames
+        return dataclasses.replace(self, label=label or self.label, phi=self.phi[r, f], psi=self.psi[r, f])
+
+
+def load_run(path: str | os.PathLike, system, label: str) -> RunData:
+    """φ/ψ of every frame (read chunk by chunk) and a structure subsample of a run file."""
+    phi_q, psi_q = system.central_dihedrals()
+    with Trajectory(path) as t:
+        if t.n_frames < 2:
+            raise InputError(f"{path} has {t.n_frames} frame(s); evaluation needs trajectories")
+        phis, psis = [], []
+        for _, chunk in t.iter_chunks(2000):
+            x = chunk["positions"]
+            phis.append(dihedral_angles(x, phi_q))
+            psis.append(dihedral_angles(x, psi_q))
+        stride = max(1, int(np.ceil(t.n_replicas * t.n_frames / MAX_STRUCTURE_FRAMES)))
+        idx = np.arange(0, t.n_frames, stride)
+        pos = np.asarray(t.positions[:, idx]).reshape(-1, t.n_atoms, 3)
+        energies = np.asarray(t.potential_energy[:, idx]).reshape(-1) if t.potential_energy is not None else None
+        attrs = t.attrs
+        dt = t.frame_interval_ps
+    return RunData(label, np.concatenate(phis, 1), np.concatenate(psis, 1), dt, pos, energies, attrs)
+
+
+def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
+    kT = system.kT_kj_mol
+    n = cand.phi.size
+    p_ref = M.phi_psi_histogram(ref.phi.ravel(), ref.psi.ravel())
+    p = M.phi_psi_histogram(cand.phi.ravel(), cand.psi.ravel())
+    out = {
+        "js_phi_psi": M.js_divergence(p_ref, p),
+        "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), cand.phi.ravel(), kT),
+                            "psi": M.fes_rmse_1d(ref.psi.ravel(), cand.psi.ravel(), kT),
+                            "phi_psi": M.fes_rmse(p_ref, p, kT, n_samples=n)},
+        "basin_populations": {"reference": M.basin_populations(ref.phi, ref.psi),
+                              "samples": M.basin_populations(cand.phi, cand.psi)},
+        "bond_w1_nm": M.bond_length_w1(ref.positions, cand.positions, system.bonds),
+    }
+    if ref.energies is not None and cand.energies is not None:
+        out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.energies, cand.energies)
+    else:
+        out["energy_w1_kj_mol"] = None
+        out["energy_w1_kj_mol_reason"] = "no potential energies recorded in one of the files"
+    return out
+
+
+def _lags(dt_ps: float, tau_ps: float, n_frames: int) -> list[int]:
+    """Lags in frames of a run with frame interval dt_ps: multiples 1, 2, 4, ... of tau_ps."""
+    base = max(1, int(round(tau_ps / dt_ps)))
+    return [base * m for m in (1, 2, 4, 8, 16) if base * m < n_frames // 2]
+
+
+def _kinetics(run: RunData, tau_ps: float) -> dict[str, Any]:
+    states = M.phi_core_states(run.phi)
+    out: dict[str, Any] = dict(M.transition_kinetics(states, run.dt_ps))
+    max_lag = min(run.phi.shape[1] - 1, max(1, int(round(20.0 / run.dt_ps))))  # up to 20 ps
+    out["autocorr_phi"] = {"lag_ps": (np.arange(max_lag + 1) * run.dt_ps).tolist(),
+                           "value": M.autocorrelation(run.phi, max_lag).tolist()}
+    out["autocorr_psi"] = {"lag_ps": (np.arange(max_lag + 1) * run.dt_ps).tolist(),
+                           "value": M.autocorrelation(run.psi, max_lag).tolist()}
+    lags = _lags(run.dt_ps, tau_ps, run.phi.shape[1])
+    dtrajs = M.discretise(run.phi, run.psi)
+    if lags:
+        out["implied_timescale_ns"] = M.implied_timescales(dtrajs, lags, run.dt_ps)
+        out["ck_test"] = M.ck_test(dtrajs, lags[0], run.dt_ps)
+    else:
+        reason = f"trajectories too short for a lag of {tau_ps:g} ps"
+        out["implied_timescale_ns"] = {"value": None, "reason": reason}
+        out["ck_test"] = {"value": None, "reason": reason}
+    return out
+
+
+def _cost(run: RunData) -> dict[str, Any]:
+    wall = run.attrs.get("wall_clock_s")
+    if not wall:
+        return {"ns_per_wall_s": None, "ess_per_s_phi": None, "reason": "no wall_clock_s attribute in the file"}
+    ess = M.effective_sample_size(run.phi, run.dt_ps)
+    return {"ns_per_wall_s": run.simulated_ns / wall, "ess_per_s_phi": ess / wall, "wall_clock_s": wall,
+            "simulated_ns": run.simulated_ns, "hardware": run.attrs.get("hardware")}
+
+
+def _row(ref: RunData, cand: RunData, system, tau_ps: float) -> dict[str, Any]:
+    return {"stationary": _stationary(ref, cand, system),
+            "kinetics": {"reference": _kinetics(ref, tau_ps), "samples": _kinetics(cand, tau_ps)},
+            "cost": {"reference": _cost(ref), "samples": _cost(cand)}}
+
+
+def _split_halves(ref: RunData) -> tuple[RunData, RunData]:
+    R, F = ref.phi.shape
+    if R >= 2:
+        h = R // 2
+        return ref.subset(slice(0, h), label="reference half A"), ref.subset(slice(h, 2 * h), label="reference half B")
+    h = F // 2
+    return ref.subset(frames=slice(0, h), label="reference half A"), ref.subset(frames=slice(h, 2 * h), label="reference half B")
+
+
+def _equal_cost(ref: RunData, samples: RunData) -> tuple[RunData | None, str]:
+    w_ref, w_s = ref.attrs.get("wall_clock_s"), samples.attrs.get("wall_clock_s")
+    if not w_ref or not w_s:
+        return None, "no wall_clock_s attribute in one of the files"
+    ns = ref.simulated_ns / w_ref * w_s  # what the reference engine made in the sampler's wall-clock
+    R, F = ref.phi.shape
+    frames = int(ns * 1000.0 / (R * ref.dt_ps)) + 1
+    note = ""
+    if ref.attrs.get("hardware") != samples.attrs.get("hardware"):
+        note = f"different hardware: reference on {ref.attrs.get('hardware')}, samples on {samples.attrs.get('hardware')}"
+    if frames < 2:
+        return None, f"the sampler's wall-clock buys less than one reference frame ({ns:.3g} ns). {note}"
+    return ref.subset(frames=slice(0, min(frames, F)), label=f"reference, first {min(frames, F)} frames"), note
+
+
+def evaluate(reference: str | os.PathLike, samples: str | os.PathLike, report: str | os.PathLike,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``samples`` against ``reference``; write metrics.json, report.md and figures in ``report``."""
+    from .figures import evaluation_figures
+
+    out_dir = Path(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Trajectory(reference) as t:
+        system = t.system()
+        fp_ref = t.attrs.get("fingerprint")
+    with Trajectory(samples) as t:
+        if t.attrs.get("fingerprint") not in (None, fp_ref):
+            raise InputError(f"{samples} and {reference} are different systems (fingerprints differ)")
+    ref = load_run(reference, system, "reference")
+    smp = load_run(samples, system, "samples")
+    tau_ps = float(smp.attrs.get("tau_ps") or smp.dt_ps)
+    result: dict[str, Any] = {"conventions": CONVENTIONS, "system": system.name, "tau_ps": tau_ps,
+                              "reference": _describe(reference, ref), "samples": _describe(samples, smp)}
+    main = _row(ref, smp, system, tau_ps)
+    result.update(main)
+    result["pathwise"] = {"value": None, "reason": "samples are free-running (no --pathwise run of this reference)"}
+    short, note = _equal_cost(ref, smp)
+    if short is None:
+        result["equal_cost"] = {"value": None, "reason": note}
+    else:
+        result["equal_cost"] = {**_row(ref, short, system, tau_ps), "note": note, "frames": short.phi.shape[1]}
+    a, b = _split_halves(ref)
+    result["noise_floor"] = _row(a, b, system, tau_ps)
+    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+    figures = evaluation_figures(ref, smp, result, system, out_dir)
+    (out_dir / "report.md").write_text(_markdown(result, figures))
+    return result
+
+
+def _describe(path, run: RunData) -> dict[str, Any]:
+    return {"path": str(path), "n_replicas": run.phi.shape[0], "n_frames": run.phi.shape[1],
+            "frame_interval_ps": run.dt_ps, "simulated_ns": run.simulated_ns,
+            "kind": run.attrs.get("kind", "reference_md"), "hardware": run.attrs.get("hardware")}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
+    rows = [("samples vs reference", r), ("equal-cost reference vs reference", r["equal_cost"]),
+            ("noise floor (reference halves)", r["noise_floor"])]
+    lines = [f"# molflow evaluation: {r['system']}", "",
+             f"Reference: `{r['reference']['path']}` ({r['reference']['n_replicas']} replicas x "
+             f"{r['reference']['n_frames']} frames, {r['reference']['simulated_ns']:.3g} ns). Samples: "
+             f"`{r['samples']['path']}` ({r['samples']['n_replicas']} x {r['samples']['n_frames']}, "
+             f"tau = {r['tau_ps']:g} ps).", "", "## Conventions", ""]
+    lines += [f"- **{k}**: {v}" for k, v in r["conventions"].items()]
+    lines += ["", "## Stationary", "", "| row | JS(φ,ψ) | FES RMSE φ | FES RMSE ψ | FES RMSE 2-D | bond W1 (nm) | energy W1 (kJ/mol) |",
+              "|---|---|---|---|---|---|---|"]
+    for name, row in rows:
+        s = row.get("stationary")
+        if not s:
+            lines.append(f"| {name} | {row.get('reason', 'n/a')} | | | | | |")
+            continue
+        f = s["fes_rmse_kj_mol"]
+        lines.append(f"| {name} | {_fmt(s['js_phi_psi'])} | {_fmt(f['phi'])} | {_fmt(f['psi'])} | {_fmt(f['phi_psi'])} | "
+                     f"{_fmt(s['bond_w1_nm'])} | {_fmt(s['energy_w1_kj_mol'])} |")
+    lines += ["", "## Kinetics (φ core sets)", "", "| run | rate β/αR→αL (1/ns) | rate αL→β/αR (1/ns) | MFPT β/αR→αL (ns) | MFPT αL→β/αR (ns) |",
+              "|---|---|---|---|---|"]
+    for name, k in (("reference", r["kinetics"]["reference"]), ("samples", r["kinetics"]["samples"])):
+        lines.append(f"| {name} | {_fmt(k.get('rate_neg_to_pos_per_ns'))} | {_fmt(k.get('rate_pos_to_neg_per_ns'))} | "
+                     f"{_fmt(k.get('mfpt_neg_to_pos_ns'))} | {_fmt(k.get('mfpt_pos_to_neg_ns'))} |")
+    reason = r["kinetics"]["samples"].get("reason")
+    if reason:
+        lines += ["", f"Note: {reason}"]
+    c = r["cost"]
+    lines += ["", "## Cost", "", f"- reference: {_fmt(c['reference'].get('ns_per_wall_s'))} ns per wall-clock s, "
+              f"ESS(φ) per s {_fmt(c['reference'].get('ess_per_s_phi'))} ({c['reference'].get('hardware')})",
+              f"- samples: {_fmt(c['samples'].get('ns_per_wall_s'))} ns per wall-clock s, ESS(φ) per s "
+              f"{_fmt(c['samples'].get('ess_per_s_phi'))} ({c['samples'].get('hardware')})"]
+    if r["equal_cost"].get("note"):
+        lines.append(f"- equal cost: {r['equal_cost']['note']}")
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"

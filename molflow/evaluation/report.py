@@ -46,8 +46,9 @@ class RunData:
     phi: np.ndarray  # (R, F)
     psi: np.ndarray
     dt_ps: float
-    positions: np.ndarray  # (S, A, 3) subsample for structure/energy distributions
-    energies: np.ndarray | None  # (S,)
+    positions: np.ndarray  # (R, S, A, 3) strided frame subsample for structure/energy distributions
+    energies: np.ndarray | None  # (R, S)
+    struct_frames: np.ndarray  # (S,) frame index of each subsampled frame
     attrs: dict[str, Any]
     weights: np.ndarray | None = None
 
@@ -55,10 +56,26 @@ class RunData:
     def simulated_ns(self) -> float:
         return self.phi.shape[0] * max(self.phi.shape[1] - 1, 0) * self.dt_ps / 1000.0
 
-    def subset(self, replicas=None, frames: slice | None = None, label: str | None = None) -> "RunData":
+    @property
+    def structure_positions(self) -> np.ndarray:
+        return self.positions.reshape(-1, *self.positions.shape[2:])
+
+    @property
+    def structure_energies(self) -> np.ndarray | None:
+        return None if self.energies is None else self.energies.reshape(-1)
+
+    def subset(self, replicas: slice | None = None, frames: slice | None = None, label: str | None = None) -> "RunData":
+        """Some replicas and/or a frame range (its structure subsample follows along)."""
         r = slice(None) if replicas is None else replicas
         f = slice(None) if frames is None else frames
-        return dataclasses.replace(self, label=label or self.label, phi=self.phi[r, f], psi=self.psi[r, f])
+        start, stop, _ = f.indices(self.phi.shape[1])
+        keep = (self.struct_frames >= start) & (self.struct_frames < stop)
+        if not keep.any():  # a very short piece: take its first frame from the trajectory subsample
+            keep = self.struct_frames == self.struct_frames[self.struct_frames <= start].max()
+        return dataclasses.replace(
+            self, label=label or self.label, phi=self.phi[r, f], psi=self.psi[r, f],
+            positions=self.positions[r][:, keep], struct_frames=self.struct_frames[keep] - start,
+            energies=None if self.energies is None else self.energies[r][:, keep])
 
 
 def load_run(path: str | os.PathLike, system, label: str) -> RunData:
@@ -74,11 +91,11 @@ def load_run(path: str | os.PathLike, system, label: str) -> RunData:
             psis.append(dihedral_angles(x, psi_q))
         stride = max(1, int(np.ceil(t.n_replicas * t.n_frames / MAX_STRUCTURE_FRAMES)))
         idx = np.arange(0, t.n_frames, stride)
-        pos = np.asarray(t.positions[:, idx]).reshape(-1, t.n_atoms, 3)
-        energies = np.asarray(t.potential_energy[:, idx]).reshape(-1) if t.potential_energy is not None else None
+        pos = np.asarray(t.positions[:, idx])
+        energies = np.asarray(t.potential_energy[:, idx]) if t.potential_energy is not None else None
         attrs = t.attrs
         dt = t.frame_interval_ps
-    return RunData(label, np.concatenate(phis, 1), np.concatenate(psis, 1), dt, pos, energies, attrs)
+    return RunData(label, np.concatenate(phis, 1), np.concatenate(psis, 1), dt, pos, energies, idx, attrs)
 
 
 def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
@@ -93,10 +110,10 @@ def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
                             "phi_psi": M.fes_rmse(p_ref, p, kT, n_samples=n)},
         "basin_populations": {"reference": M.basin_populations(ref.phi, ref.psi),
                               "samples": M.basin_populations(cand.phi, cand.psi)},
-        "bond_w1_nm": M.bond_length_w1(ref.positions, cand.positions, system.bonds),
+        "bond_w1_nm": M.bond_length_w1(ref.structure_positions, cand.structure_positions, system.bonds),
     }
     if ref.energies is not None and cand.energies is not None:
-        out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.energies, cand.energies)
+        out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.structure_energies, cand.structure_energies)
     else:
         out["energy_w1_kj_mol"] = None
         out["energy_w1_kj_mol_reason"] = "no potential energies recorded in one of the files"

@@ -29,7 +29,7 @@ import molflow
 from molflow.evaluation.dihedrals import phi_psi
 from molflow.evaluation.structure import angle_difference, kabsch_rmsd, rmsd
 from molflow.md.engine import EnergyEvaluator, hardware_description
-from molflow.md.integrator import BOLTZMANN_KJ_MOL_K
+from molflow.units import kinetic_temperature
 from molflow.training.data import FrameData
 
 SIZES = {
@@ -126,13 +126,11 @@ def main(argv=None) -> int:
                 row.update({f"{mode}_{k2}": v for k2, v in e.items()})
                 if mode == "sample":
                     v = vt.cpu().numpy()
-                    row["sample_kinetic_temperature_K"] = float((mol.masses_amu[None, :, None] * v**2).sum((1, 2)).mean()
-                                                                / (3 * mol.n_atoms * BOLTZMANN_KJ_MOL_K))
+                    row["sample_kinetic_temperature_K"] = float(kinetic_temperature(v, mol.masses_amu).mean())
                     p_pred, _ = phi_psi(xt.cpu().numpy(), mol)
                     p_0, _ = phi_psi(x0, mol)
                     row["sample_phi_spread_deg"] = float(np.degrees(np.std(angle_difference(p_pred, p_0))))
-            ref_t = np.asarray(b["v1"].cpu()) ** 2 * mol.masses_amu[None, :, None]
-            row["reference_kinetic_temperature_K"] = float(ref_t.sum((1, 2)).mean() / (3 * mol.n_atoms * BOLTZMANN_KJ_MOL_K))
+            row["reference_kinetic_temperature_K"] = float(kinetic_temperature(b["v1"].cpu().numpy(), mol.masses_amu).mean())
             p1, _ = phi_psi(x1, mol)
             row["reference_phi_spread_deg"] = float(np.degrees(np.std(angle_difference(p1, phi_psi(x0, mol)[0]))))
             bx, _ = baoab_one_step(mol, x0.astype(np.float64), b["v0"].cpu().numpy().astype(np.float64),

@@ -326,20 +326,8 @@ def split_discrete(
     rng = _as_rng(rng)
     coeffs = np.asarray(coeffs, dtype=np.float64)
     n = coeffs.shape[0]
-    ks = [int(k) for k in n_steps_list]
-    if any(k < 1 for k in ks) or not ks:
-        raise ValueError("n_steps_list must hold positive integers")
-    p = len(ks)
-    a = _composition_stack(np.asarray(ks, dtype=np.float64) * dt_ps, n)
-    m = a.transpose(1, 0, 2).reshape(n, p * n)
-    factors = [_discrete_factor(n, k, dt_ps) for k in ks]
-    f = np.zeros((p * n, sum(fi.shape[1] for fi in factors)))
-    col = 0
-    for i, fi in enumerate(factors):
-        f[i * n:(i + 1) * n, col:col + fi.shape[1]] = fi
-        col += fi.shape[1]
-    flat = coeffs.reshape(n, -1)
-    children = _conditional_children(flat, m, f, rng)
+    m, f, p = _split_system(None, n, n_steps_list, dt_ps)
+    children = _conditional_children(coeffs.reshape(n, -1), m, f, rng)
     return children.reshape((p, n) + coeffs.shape[1:])
 
 

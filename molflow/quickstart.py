@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .md.engine import simulate
-from .md.integrator import BOLTZMANN_KJ_MOL_K
+from .units import kinetic_temperature
+from .evaluation.metrics import basin_populations
 from .evaluation.dihedrals import phi_psi
 from .evaluation.figures import ramachandran
 
@@ -28,18 +29,14 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
     x = np.asarray(run.positions)
     v = np.asarray(run.velocities)
     phi, psi = phi_psi(x, system)
-    m = system.masses_amu[None, None, :, None]
-    t_kin = (m * v**2).sum((2, 3)) / (3 * system.n_atoms * BOLTZMANN_KJ_MOL_K)
+    t_kin = kinetic_temperature(v, system.masses_amu)
     # BAOAB's post-thermostat ("mid-step") velocity v - dt/2 f/m has the exact temperature
-    v_mid = v - 0.5 * system.timestep_fs / 1000.0 * np.asarray(run.forces) / m
-    t_mid = (m * v_mid**2).sum((2, 3)) / (3 * system.n_atoms * BOLTZMANN_KJ_MOL_K)
+    v_mid = v - 0.5 * system.timestep_fs / 1000.0 * np.asarray(run.forces) / system.masses_amu[:, None]
+    t_mid = kinetic_temperature(v_mid, system.masses_amu)
     energy = np.asarray(run.potential_energy)
     fig = ramachandran(phi, psi, out / "ramachandran.png", kT_kj_mol=system.kT_kj_mol,
                        title=f"alanine dipeptide, {replicas} x {time_ps:g} ps reference MD")
-    basins = {  # simple phi-based split (DESIGN.md section 7 core sets come with the evaluator)
-        "beta_or_alphaR (phi<0)": float(np.mean(phi < 0)),
-        "alphaL_or_C7ax (phi>0)": float(np.mean(phi > 0)),
-    }
+    basins = basin_populations(phi, psi)  # the evaluator's basins, replica-bootstrap errors
     summary = {
         "replicas": replicas, "time_ps_per_replica": time_ps, "frames": run.n_frames,
         "seed": run.attrs["seed"], "platform": run.attrs["platform"], "hardware": run.attrs["hardware"],
@@ -47,7 +44,7 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
         "kinetic_temperature_K_mean": float(t_kin.mean()), "midstep_temperature_K_mean": float(t_mid.mean()),
         "target_temperature_K": system.temperature_K,
         "throughput_ns_per_day": run.attrs.get("throughput_ns_per_day"),
-        "potential_energy_kj_mol_mean": float(energy.mean()), "phi_populations": basins,
+        "potential_energy_kj_mol_mean": float(energy.mean()), "basin_populations": basins,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     rate = summary["throughput_ns_per_day"]
@@ -66,8 +63,10 @@ def run_quickstart(out: Path, seed: int | None = None, small: bool = False, prog
         f"recorded on-step velocities, which BAOAB keeps about 2% cool on stiff X-H bonds at 1 fs "
         f"(each mode by 1 - (ω δt/2)²): expected, not a thermostat fault\n"
         f"- mean potential energy: {summary['potential_energy_kj_mol_mean']:.2f} kJ/mol\n"
-        f"- φ < 0 (β / αR): {basins['beta_or_alphaR (phi<0)']:.3f}; φ > 0 (αL / C7ax): "
-        f"{basins['alphaL_or_C7ax (phi>0)']:.3f}\n\n"
+        f"- basin populations ± bootstrap SE over replicas: "
+        + "; ".join(f"{name} {b['population']:.3f} ± {b['se']:.3f}" for name, b in basins.items()
+                    if isinstance(b, dict) and "population" in b)
+        + "\n\n"
         f"![Ramachandran plot]({fig.name})\n"
     )
     run.close()

@@ -103,7 +103,9 @@ class MolecularSystem:
     @property
     def kT_kj_mol(self) -> float:
         """Thermal energy k_B T in kJ/mol."""
-        return float(0.0083144626181532 * self.temperature_K)
+        from .units import BOLTZMANN_KJ_MOL_K
+
+        return float(BOLTZMANN_KJ_MOL_K * self.temperature_K)
 
     @property
     def elements(self) -> list[str]:

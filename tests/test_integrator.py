@@ -7,7 +7,8 @@ import pytest
 
 from molflow.brownian import (coefficients_from_noise, compose, continuous_variances,
                               discrete_covariance)
-from molflow.md.integrator import BOLTZMANN_KJ_MOL_K, read_coefficients, recording_integrator
+from molflow.md.integrator import read_coefficients, recording_integrator
+from molflow.units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
 from molflow.md.multicopy import make_layout, multicopy_system
 
 DT_PS = 0.001
@@ -116,10 +117,6 @@ def test_coefficient_law(ala2):
     del ctx
 
 
-def _kinetic_temperature(v, masses, n_atoms):
-    return (masses[:, None] * v**2).sum() / (3 * n_atoms * BOLTZMANN_KJ_MOL_K)
-
-
 def test_same_distribution_as_stock_langevin_middle(ala2):
     """Potential energy and kinetic temperature against OpenMM's LangevinMiddleIntegrator.
 
@@ -149,8 +146,8 @@ def test_same_distribution_as_stock_langevin_middle(ala2):
             pe[i] = energy(x)
             v_mid = v - 0.5 * DT_PS * f / masses[:, None] if on_step else v
             for c in range(C):
-                t_mid[i, c] = _kinetic_temperature(v_mid[c], masses, A)
-                t_on[i, c] = _kinetic_temperature(v[c], masses, A)
+                t_mid[i, c] = kinetic_temperature(v_mid[c], masses)
+                t_on[i, c] = kinetic_temperature(v[c], masses)
         return pe, t_mid, t_on
 
     ours = run(recording_integrator(300.0, 1.0, 1.0, 100, 3, seed=21), on_step=True)

@@ -15,6 +15,17 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, paths: list[Path] | None = None, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure; append its path to ``paths``."""
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    if paths is not None:
+        paths.append(Path(path))
+    return Path(path)
+
+
 def ramachandran(phi: np.ndarray, psi: np.ndarray, path: str | Path, title: str = "",
                  kT_kj_mol: float | None = None, bins: int = 64) -> Path:
     """Ramachandran plot of (phi, psi) in radians, as free energy -kT ln p (kJ/mol) if kT given."""
@@ -39,11 +50,7 @@ def ramachandran(phi: np.ndarray, psi: np.ndarray, path: str | Path, title: str 
     ax.set_xticks(range(-180, 181, 90))
     ax.set_yticks(range(-180, 181, 90))
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, Path(path), dpi=120)
 
 
 def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Path]:
@@ -76,10 +83,7 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_xlabel("φ (deg)")
         ax.set_ylabel("ψ (deg)")
     fig.suptitle(f"JS(φ,ψ) = {result['stationary']['js_phi_psi']:.3g}")
-    fig.tight_layout()
-    paths.append(out_dir / "ramachandran.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    _save(fig, out_dir / "ramachandran.png", paths)
     # 1-D free-energy profiles
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     bins = np.linspace(-np.pi, np.pi, 65)
@@ -93,10 +97,7 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_xlabel(f"{'φ' if name == 'phi' else 'ψ'} (deg)")
         ax.set_ylabel("F (kJ/mol)")
         ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "free_energy_1d.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    _save(fig, out_dir / "free_energy_1d.png", paths)
     # autocorrelations
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key in zip(axes, ("autocorr_phi", "autocorr_psi")):
@@ -106,10 +107,7 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_xlabel("lag (ps)")
         ax.set_ylabel(key.replace("_", " "))
         ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "autocorrelation.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    _save(fig, out_dir / "autocorrelation.png", paths)
     # implied timescales
     its = {w: result["kinetics"][w].get("implied_timescale_ns") or {} for w in ("reference", "samples")}
     if any(v.get("timescales_ns") for v in its.values()):
@@ -123,8 +121,5 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_ylabel("implied timescale (ns)")
         ax.set_yscale("log")
         ax.legend()
-        fig.tight_layout()
-        paths.append(out_dir / "implied_timescales.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir / "implied_timescales.png", paths)
     return paths

@@ -33,7 +33,8 @@ from ..errors import InputError, SimulationError
 from ..seeding import derive_seed, random_seed
 from ..systems import MolecularSystem, load_system
 from ..trajectory import Trajectory, TrajectoryWriter
-from .integrator import BOLTZMANN_KJ_MOL_K, read_coefficients, recording_integrator
+from ..units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
+from .integrator import read_coefficients, recording_integrator
 from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
 
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
@@ -202,8 +203,7 @@ class Group:
             v = s["v"].reshape(self.n_copies, self.n_atoms, 3)
             if not np.all(np.isfinite(v)):
                 raise SimulationError("non-finite velocities (the run blew up)")
-            m = self.masses.reshape(self.n_copies, self.n_atoms)
-            t_kin = (m[..., None] * v**2).sum((1, 2)) / (3 * self.n_atoms * BOLTZMANN_KJ_MOL_K)
+            t_kin = kinetic_temperature(v, self.masses.reshape(self.n_copies, self.n_atoms))
             if np.any(t_kin > EXPLOSION_FACTOR * self.spec.temperature_K):
                 c = int(np.argmax(t_kin))
                 raise SimulationError(f"copy {c} reached kinetic temperature {t_kin[c]:.0f} K "

@@ -21,8 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..brownian import legendre_step_weights
-
-BOLTZMANN_KJ_MOL_K = 0.0083144626181532
+from ..units import BOLTZMANN_KJ_MOL_K
 
 
 def recording_integrator(temperature_K: float, friction_per_ps: float, timestep_fs: float,

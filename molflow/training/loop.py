@@ -33,6 +33,7 @@ from ..evaluation.structure import rmsd
 from ..models.molecular import MapConfig
 from ..seeding import random_seed
 from ..systems import MolecularSystem, load_system
+from ..units import kinetic_temperature
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import FrameData
 
@@ -128,7 +129,7 @@ class Trainer:
         # per-item scoring rule shared with the generic SSFM code; / sqrt(D) keeps it O(1) per DOF
         return score(pred, target, self.config.objective).mean() / math.sqrt(pred.shape[-1])
 
-    def _semigroup_loss(self, b: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    def _semigroup_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Self-distillation on the recorded path of 2k intervals: teacher = two EMA half-jumps fed
         the recorded half-path coefficients (a true sample of the halves given the whole), student =
         one jump with the composed coefficients; scored against the teacher's end state, / tau."""
@@ -171,7 +172,7 @@ class Trainer:
             h1 = d.items(r, f, k, device=self.device)
             h2 = d.items(r, f + k, k, device=self.device)
             whole["L_halves"] = (h1["L"], h2["L"])
-            losses["semigroup"] = self._semigroup_loss(whole, k)
+            losses["semigroup"] = self._semigroup_loss(whole)
             total = total + c.fraction_semigroup * losses["semigroup"]
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -207,8 +208,7 @@ class Trainer:
                 out[f"val_rmsd_{mode}_{key}_nm"] = float(np.sqrt(np.mean(
                     rmsd(xt[:, heavy].cpu().numpy(), b["x1"][:, heavy].cpu().numpy()) ** 2)))
                 if mode == "sample":
-                    t_kin = (masses[None, :, None] * vt**2).sum((1, 2)) / (3 * len(masses) * 0.0083144626181532)
-                    out[f"val_kinetic_temperature_{key}_K"] = float(t_kin.mean())
+                    out[f"val_kinetic_temperature_{key}_K"] = float(kinetic_temperature(vt, masses).mean())
         return out
 
     # ------------------------------------------------------------------ checkpoints

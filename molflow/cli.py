@@ -90,6 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, ...)")
 
+    p = sub.add_parser("sample", help="few-step rollouts with a trained flow map",
+                       description="Roll out replicas of a trained flow map, jump tau at a time, and stream "
+                                   "them to HDF5 (the run-file layout, DESIGN.md section 5). Free-running by "
+                                   "default (fresh path coefficients every jump); --pathwise feeds the "
+                                   "coefficients recorded in --from, composed to tau, from its frame 0.")
+    p.add_argument("model", help="flow-map checkpoint (model.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="from_run", metavar="RUN.h5",
+                     help="start states spread over this run's replicas and frames (skipping its first 10%%)")
+    src.add_argument("--system", help="start from this system's minimised structure with Maxwell-Boltzmann "
+                                      "velocities (must be the model's system)")
+    p.add_argument("--out", required=True, help="output HDF5 file")
+    p.add_argument("--replicas", type=int, help="rollouts (default 16; --pathwise: every replica of --from)")
+    p.add_argument("--jumps", type=int, help="jumps per replica (default 100; --pathwise: as many as --from holds, "
+                                             "at most 100; with --resume the total)")
+    p.add_argument("--tau-ps", type=float, help="jump length, ps (default: the longest the model was trained for)")
+    p.add_argument("--mode", choices=["sample", "mean"], help="latent: fresh draw per jump (sample, default) or "
+                                                              "averaged out (mean)")
+    p.add_argument("--pathwise", action="store_true", help="drive the rollouts with --from's recorded path")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an existing sampled run")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     p = sub.add_parser("evaluate", help="judge samples (or MD) against long reference MD",
                        description="Stationary, kinetic, pathwise and cost metrics of --samples against "
                                    "--reference, with equal-cost and noise-floor rows: DIR/metrics.json, "
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         handlers = {"simulate": _simulate, "info": _info, "quickstart": _quickstart, "floor": _floor,
-                    "train": _train, "evaluate": _evaluate}
+                    "train": _train, "evaluate": _evaluate, "sample": _sample}
         return handlers[args.command](args)
     except MolflowError as exc:
         print(f"molflow {args.command}: error: {exc}", file=sys.stderr)
@@ -149,6 +174,14 @@ def _kept(args) -> str:
         from .md.engine import _complete_frames
 
         return f"; kept {_complete_frames(Path(out))} complete frames in {out}: continue with --resume"
+    if args.command == "sample" and out and Path(out).exists():
+        from .trajectory import Trajectory
+
+        try:
+            with Trajectory(out) as t:
+                return f"; kept {t.n_frames} complete frames in {out}: continue with --resume"
+        except MolflowError:
+            return ""
     if args.command == "train" and out and Path(out).exists():
         return f"; the last checkpoint is in {out}: continue with --resume"
     return ""
@@ -236,6 +269,66 @@ def _train(args) -> int:
                 resume=args.resume, config=config, progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out} (metrics: {out}.metrics.csv)")
+    return 0
+
+
+def _sample(args) -> int:
+    import numpy as np
+
+    from .errors import InputError
+    from .sampling import FlowMap, pathwise_inputs, start_states_from_run, start_states_from_system
+    from .seeding import random_seed
+
+    if args.pathwise and not args.from_run:
+        raise InputError("--pathwise needs --from RUN.h5 (the run whose recorded path drives the rollouts)")
+    recorded = {}
+    if args.resume and Path(args.out).exists():
+        from .trajectory import Trajectory
+
+        with Trajectory(args.out) as t:
+            recorded = t.attrs
+    fm = FlowMap.load(args.model, system=args.system, device=args.device)
+    tau = args.tau_ps or recorded.get("tau_ps") or fm.tau_max_ps
+    if not tau:
+        raise InputError("--tau-ps is needed (the checkpoint does not say how far it was trained)")
+    mode = args.mode or recorded.get("mode") or "sample"
+    seed = args.seed if args.seed is not None else recorded.get("seed") or random_seed()
+    replicas = args.replicas or recorded.get("n_replicas")
+    jumps = args.jumps or recorded.get("n_jumps_requested")
+    brownian = None
+    attrs = {}
+    if args.pathwise:
+        with_file = pathwise_inputs(args.from_run, tau, n_coefficients=fm.n_coefficients, replicas=replicas)
+        x0, v0, brownian = with_file
+        jumps = jumps or min(100, brownian.shape[1])
+        if jumps > brownian.shape[1]:
+            raise InputError(f"--pathwise: {args.from_run} holds {brownian.shape[1]} jumps of {tau:g} ps, not {jumps}")
+        brownian = brownian[:, :jumps]
+        from .trajectory import Trajectory
+
+        with Trajectory(args.from_run) as t:
+            attrs = {"brownian_from": str(args.from_run), "brownian_from_seed": t.attrs.get("seed"),
+                     "start_from": f"frame 0 of every replica of {args.from_run}"}
+    elif args.from_run:
+        x0, v0 = start_states_from_run(args.from_run, replicas or 16)
+        attrs = {"start_from": f"{args.from_run} (replicas and frames spread evenly, first 10% skipped)"}
+    else:
+        x0, v0 = start_states_from_system(fm.system, replicas or 16, seed=seed)
+        attrs = {"start_from": f"minimised {fm.system.name} with Maxwell-Boltzmann velocities"}
+    jumps = int(jumps or 100)
+    if not args.quiet:
+        print(f"molflow sample: model={args.model} tau={tau:g} ps mode={mode} pathwise={args.pathwise} "
+              f"replicas={len(x0)} jumps={jumps} seed={seed} device={fm.device}", file=sys.stderr)
+    traj = fm.sample((x0, v0), n_jumps=jumps, tau_ps=float(tau), replicas=len(x0), seed=int(seed), mode=mode,
+                     brownian=brownian, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.quiet, attrs=attrs)
+    if not args.quiet:
+        a = traj.attrs
+        ns = traj.n_replicas * (traj.n_frames - 1) * float(tau) / 1000.0
+        rate = ns / a["wall_clock_s"] if a["wall_clock_s"] else float("nan")
+        print(f"wrote {traj.path}: {traj.n_replicas} replica(s) x {traj.n_frames} frames, seed {a['seed']}, "
+              f"{a['wall_clock_s']:.1f} s ({rate:.3g} simulated ns per s), restarts {a['n_restarts']}")
+    traj.close()
     return 0
 
 

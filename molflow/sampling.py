@@ -1,41 +1,158 @@
-"""Few-step sampling with a trained flow map.
+"""Few-step sampling with a trained flow map (user story 3).
 
     >>> fm = molflow.FlowMap.load("model.pt")
-    >>> out = fm.sample(initial_states, n_jumps=100, tau_ps=1.0, replicas=64, seed=1)
+    >>> x0, v0 = molflow.sampling.start_states_from_run("ref.h5", replicas=64)
+    >>> out = fm.sample((x0, v0), n_jumps=100, tau_ps=1.0, seed=1)              # arrays in memory
+    >>> traj = fm.sample((x0, v0), n_jumps=100, tau_ps=1.0, seed=1, out="s.h5")  # streamed to HDF5
 
-Modes: ``sample`` (fresh latent every jump: rollouts exact in law where the model is) and ``mean``
-(the latent averaged out over ``n_mean`` draws: the best pathwise estimate). Free-running rollouts
-draw fresh path coefficients every jump from the exact law of the engine's discrete path
-(tau/timestep steps); pass ``brownian`` (R, K, N, A, 3) to feed recorded coefficients instead.
+Modes (DESIGN.md section 3.2): ``sample`` (fresh latent every jump: rollouts exact in law where the
+model is) and ``mean`` (the latent averaged out over ``n_mean`` draws: the best pathwise estimate).
+Free-running rollouts draw fresh path coefficients every jump from the exact law of the engine's
+discrete path (tau/timestep steps); ``brownian`` (R, K, N, A, 3) feeds given coefficients instead
+(:func:`pathwise_inputs` composes a reference run's recorded ones to tau, for pathwise runs).
+
+Random numbers are a function of (seed, jump index[, replica, retry]) only, so a run is the same
+whatever its chunking, and ``resume=True`` continues a killed run exactly as it would have gone on.
+
+Guards: after every jump each replica is checked (non-finite numbers, a bond outside
+[0.5, 1.5] x its start length, kinetic temperature above 5x the thermostat's). A bad replica is
+restarted from its last good state with fresh latents (and, free-running, fresh coefficients) up to
+``max_retries`` times; each restart is counted (file attrs ``n_restarts``,
+``restarts_per_replica``). A replica that keeps failing stops the run with a clear error, keeping
+every complete frame.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .brownian import sample_coefficients
-from .errors import InputError
+from . import __version__
+from .brownian import compose, sample_coefficients
+from .errors import InputError, SimulationError
 from .models.molecular import MapConfig, MolecularFlowMap, atom_features
+from .seeding import random_seed
 from .systems import MolecularSystem, load_system, system_from_pdb_text
 from .training.checkpoint import load_checkpoint
+from .units import kinetic_temperature
+
+#: a bond shorter/longer than these multiples of its start length marks an exploded replica
+#: (thermal bond fluctuations are ~3-5% of the length: 50% is > 10 standard deviations).
+BOND_RANGE = (0.5, 1.5)
+#: kinetic temperature of one replica above this multiple of the target marks an explosion
+#: (a 22-atom molecule fluctuates by T*sqrt(2/(3A)) = 17% per frame: 5x is far beyond honest noise).
+EXPLOSION_FACTOR = 5.0
+#: settings that must match to resume a sampled run (``n_jumps`` may grow)
+RESUME_KEYS = ("model_fingerprint", "fingerprint", "n_replicas", "tau_ps", "mode", "pathwise", "seed",
+               "n_coefficients")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when torch sees a GPU, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: torch sees no CUDA GPU here")
     return dev
 
 
+def device_description(device: torch.device) -> str:
+    """GPU name, or CPU model and core count, for the ``hardware`` attribute."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    from .md.engine import hardware_description
+
+    return hardware_description("CPU").replace("OpenMM CPU platform", f"torch {torch.__version__} CPU")
+
+
 def build_model(system: MolecularSystem, config: MapConfig) -> MolecularFlowMap:
     scal, edges = atom_features(system)
     return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config)
+
+
+# ----------------------------------------------------------------------------- start states
+
+
+def start_states_from_run(path: str | os.PathLike, replicas: int, skip_fraction: float = 0.1
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """``replicas`` start states (x nm, v nm/ps; each (R, A, 3)) spread evenly over the replicas
+    and frames of a run, skipping the first ``skip_fraction`` of every replica's frames."""
+    from .trajectory import Trajectory
+
+    with Trajectory(path) as t:
+        R, F = t.n_replicas, t.n_frames
+        if F < 1:
+            raise InputError(f"{path} has no complete frame to start from")
+        first = min(int(np.ceil(skip_fraction * F)), F - 1)
+        pool = [(r, f) for r in range(R) for f in range(first, F)]
+        pick = np.linspace(0, len(pool) - 1, int(replicas)).round().astype(int)
+        x = np.stack([t.positions[pool[i][0], pool[i][1]] for i in pick])
+        v = np.stack([t.velocities[pool[i][0], pool[i][1]] for i in pick])
+    return x.astype(np.float64), v.astype(np.float64)
+
+
+def start_states_from_system(system: MolecularSystem, replicas: int, seed: int | None = None
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """The energy-minimised structure with Maxwell-Boltzmann velocities at the system's temperature
+    (each (R, A, 3); nm, nm/ps)."""
+    from .md.engine import minimise
+
+    x = minimise(system)
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((int(replicas),) + x.shape) * np.sqrt(system.kT_kj_mol / system.masses_amu)[None, :, None]
+    return np.repeat(x[None], int(replicas), 0), v
+
+
+def pathwise_inputs(path: str | os.PathLike, tau_ps: float, n_jumps: int | None = None,
+                    n_coefficients: int | None = None, replicas: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frame 0 of each replica of a recorded run and its coefficients composed to ``tau_ps``.
+
+    Returns x0, v0 (R, A, 3) and brownian (R, K, N, A, 3) in sqrt(ps): jump k's coefficients are the
+    exact composition of the m = tau/frame-interval recorded intervals [k m, (k+1) m). ``n_jumps``
+    defaults to all the run holds; ``n_coefficients`` (default: all recorded) keeps the first ones.
+    """
+    from .trajectory import Trajectory
+
+    with Trajectory(path) as t:
+        dt = t.frame_interval_ps
+        m = tau_ps / dt
+        if m < 1 - 1e-9 or abs(m - round(m)) > 1e-6:
+            raise InputError(f"--pathwise: tau {tau_ps} ps must be a whole multiple of the run's frame "
+                             f"interval {dt * 1000:g} fs")
+        m = int(round(m))
+        n_rec = t.n_coefficients
+        N = n_rec if n_coefficients is None else int(n_coefficients)
+        if N > n_rec:
+            raise InputError(f"--pathwise: the model takes {N} coefficients but {path} recorded {n_rec}")
+        K_max = (t.n_frames - 1) // m
+        K = K_max if n_jumps is None else int(n_jumps)
+        if K > K_max:
+            raise InputError(f"--pathwise: {path} holds {t.n_frames} frames, enough for {K_max} jumps of "
+                             f"{tau_ps:g} ps, not {K}")
+        R = t.n_replicas if replicas is None else int(replicas)
+        if R > t.n_replicas:
+            raise InputError(f"--pathwise: {path} has {t.n_replicas} replicas, not {R}")
+        x0 = np.asarray(t.positions[:R, 0], dtype=np.float64)
+        v0 = np.asarray(t.velocities[:R, 0], dtype=np.float64)
+        rec = np.asarray(t.brownian[:R, : K * m, :N], dtype=np.float64)  # (R, K m, N, A, 3)
+    A = x0.shape[1]
+    pieces = rec.reshape(R, K, m, N, A, 3).transpose(2, 3, 0, 1, 4, 5)  # (m, N, R, K, A, 3)
+    L = compose(pieces, [dt] * m) if m > 1 else pieces[0]
+    return x0, v0, np.ascontiguousarray(L.transpose(1, 2, 0, 3, 4)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the flow map
 
 
 class FlowMap:
@@ -55,6 +172,15 @@ class FlowMap:
     @property
     def n_coefficients(self) -> int:
         return self.model.config.n_coefficients
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the weights in use (recorded by sampled runs; resume refuses another model)."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | os.PathLike, system: str | MolecularSystem | None = None,
@@ -80,10 +206,16 @@ class FlowMap:
                                                       "fingerprint": s["fingerprint"],
                                                       "train_config": ck.get("train_config_json")})
 
+    @property
+    def tau_max_ps(self) -> float | None:
+        """The longest jump the map was trained for (ps), when the checkpoint says."""
+        cfg = self.metadata.get("train_config") or {}
+        return cfg.get("tau_max_ps")
+
     @torch.no_grad()
     def jump(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, tau_ps: float | torch.Tensor,
              mode: str = "sample", generator: torch.Generator | None = None, n_mean: int = 16):
-        """One jump of ``tau_ps`` for a batch: x, v (B,A,3), L (B,N,A,3) -> (x_t, v_t)."""
+        """One jump of ``tau_ps`` for a batch: x (nm), v (nm/ps) (B,A,3), L (B,N,A,3) sqrt(ps) -> (x_t, v_t)."""
         B = x.shape[0]
         tau = torch.as_tensor(tau_ps, dtype=x.dtype, device=x.device).expand(B).clone()
         if mode == "sample":
@@ -99,39 +231,223 @@ class FlowMap:
 
     def sample(self, initial_states: tuple[np.ndarray, np.ndarray], n_jumps: int, tau_ps: float,
                replicas: int | None = None, seed: int | None = None, mode: str = "sample",
-               brownian: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Roll out ``n_jumps`` jumps of ``tau_ps`` from ``initial_states`` = (x, v), each (S, A, 3).
+               brownian: np.ndarray | None = None, out: str | os.PathLike | None = None,
+               resume: bool = False, overwrite: bool = False, chunk_jumps: int | None = None,
+               batch_size: int = 4096, max_retries: int = 10, progress: bool = False,
+               attrs: dict[str, Any] | None = None):
+        """Roll out ``n_jumps`` jumps of ``tau_ps`` (ps) from ``initial_states`` = (x nm, v nm/ps),
+        each (S, A, 3).
 
         ``replicas`` rollouts start from the states spread evenly (default: one per state).
-        Returns positions/velocities (R, K+1, A, 3) and brownian (R, K, N, A, 3) (sqrt(ps)).
+        Without ``out``: returns a dict of arrays, positions/velocities (R, K+1, A, 3) and brownian
+        (R, K, N, A, 3) (sqrt(ps)), plus ``restarts_per_replica`` (R,). With ``out``: streams chunks
+        of ``chunk_jumps`` jumps to that HDF5 file (DESIGN.md section 5 layout, forces and energies
+        omitted) and returns it as a :class:`~molflow.trajectory.Trajectory`; ``resume=True``
+        continues it (``n_jumps`` is the total), ``overwrite=True`` replaces it.
         """
+        if mode not in ("sample", "mean"):
+            raise InputError(f"mode must be 'sample' or 'mean', not {mode!r}")
+        if n_jumps < 0:
+            raise InputError("n_jumps must be >= 0")
         x0, v0 = (np.asarray(a, dtype=np.float64) for a in initial_states)
         if x0.ndim == 2:
             x0, v0 = x0[None], v0[None]
+        A = self.system.n_atoms
+        if x0.shape[1:] != (A, 3) or v0.shape != x0.shape:
+            raise InputError(f"initial states must be (S, {A}, 3) positions and velocities, got "
+                             f"{x0.shape} and {v0.shape}")
         R = int(replicas or len(x0))
         pick = np.linspace(0, len(x0) - 1, R).round().astype(int)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
+        x0, v0 = x0[pick], v0[pick]
         dt_ps = self.system.timestep_fs / 1000.0
         steps = tau_ps / dt_ps
-        if abs(steps - round(steps)) > 1e-6:
-            raise InputError(f"tau {tau_ps} ps is not a whole number of {dt_ps} ps timesteps")
-        N, A = self.n_coefficients, self.system.n_atoms
-        if brownian is not None and brownian.shape[:3] != (R, n_jumps, N):
-            raise InputError(f"brownian must have shape ({R}, {n_jumps}, {N}, {A}, 3), not {brownian.shape}")
-        dtype = torch.float32
-        x = torch.as_tensor(x0[pick], dtype=dtype, device=self.device)
-        v = torch.as_tensor(v0[pick], dtype=dtype, device=self.device)
-        xs, vs, Ls = [x.cpu().numpy()], [v.cpu().numpy()], []
-        for k in range(n_jumps):
-            if brownian is None:
-                L = np.moveaxis(sample_coefficients(rng, N, tau_ps, (R, A, 3), n_steps=int(round(steps)),
-                                                    dt_ps=dt_ps), 0, 1)
+        if tau_ps <= 0 or abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
+            raise InputError(f"tau {tau_ps} ps is not a positive whole number of {dt_ps} ps timesteps")
+        N = self.n_coefficients
+        if brownian is not None:
+            brownian = np.asarray(brownian)
+            if brownian.shape[:3] != (R, n_jumps, N) or brownian.shape[3:] != (A, 3):
+                raise InputError(f"brownian must have shape ({R}, {n_jumps}, {N}, {A}, 3), not {brownian.shape}")
+        seed = random_seed() if seed is None else int(seed)
+        rollout = _Rollout(self, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries)
+        if out is None:
+            xs, vs, Ls = [x0.astype(np.float32)], [v0.astype(np.float32)], []
+            for k in range(n_jumps):
+                x0, v0, L = rollout.step(k, x0, v0)
+                xs.append(x0.astype(np.float32))
+                vs.append(v0.astype(np.float32))
+                Ls.append(L)
+            return {"positions": np.stack(xs, 1), "velocities": np.stack(vs, 1),
+                    "brownian": np.stack(Ls, 1) if Ls else np.zeros((R, 0, N, A, 3), np.float32),
+                    "restarts_per_replica": rollout.restarts, "seed": seed}
+        meta = {**(attrs or {}), "mode": mode, "pathwise": brownian is not None, "tau_ps": float(tau_ps),
+                "n_replicas": R, "seed": seed, "n_coefficients": N}
+        return _sample_to_file(self, rollout, x0, v0, n_jumps, Path(out), meta, resume, overwrite,
+                               chunk_jumps, progress)
+
+
+class _Rollout:
+    """Jump k of every replica, with the guards; random numbers depend on (seed, k, replica, retry)."""
+
+    def __init__(self, fm: FlowMap, tau_ps: float, n_steps: int, mode: str, seed: int,
+                 brownian: np.ndarray | None, batch_size: int, max_retries: int):
+        self.fm, self.tau, self.n_steps, self.mode, self.seed = fm, float(tau_ps), n_steps, mode, seed
+        self.brownian, self.batch_size, self.max_retries = brownian, int(batch_size), int(max_retries)
+        self.restarts: np.ndarray | None = None
+        self.bond_ref: np.ndarray | None = None
+
+    def _coefficients(self, k: int, rng: np.random.Generator, R: int, replicas: np.ndarray) -> np.ndarray:
+        fm = self.fm
+        if self.brownian is not None:
+            return np.asarray(self.brownian[replicas, k], dtype=np.float32)
+        L = sample_coefficients(rng, fm.n_coefficients, self.tau, (R, fm.system.n_atoms, 3),
+                                n_steps=self.n_steps, dt_ps=self.tau / self.n_steps)
+        return np.moveaxis(L, 0, 1).astype(np.float32)
+
+    def _jump(self, x: np.ndarray, v: np.ndarray, L: np.ndarray, gen: torch.Generator):
+        fm = self.fm
+        outx, outv = [], []
+        for s in range(0, len(x), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            t = [torch.as_tensor(a[sl], dtype=torch.float32, device=fm.device) for a in (x, v, L)]
+            xt, vt = fm.jump(*t, self.tau, self.mode, gen)
+            outx.append(xt.double().cpu().numpy())
+            outv.append(vt.double().cpu().numpy())
+        return np.concatenate(outx), np.concatenate(outv)
+
+    def _bad(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+        sys_ = self.fm.system
+        finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(v).all(axis=(1, 2))
+        bad = ~finite
+        if len(sys_.bonds):
+            b = np.asarray(sys_.bonds)
+            with np.errstate(invalid="ignore"):
+                ratio = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1) / self.bond_ref
+                bad |= ~((ratio > BOND_RANGE[0]) & (ratio < BOND_RANGE[1])).all(1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            t_kin = kinetic_temperature(np.where(finite[:, None, None], v, 0.0), sys_.masses_amu)
+        return bad | (t_kin > EXPLOSION_FACTOR * sys_.temperature_K)
+
+    def step(self, k: int, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Jump ``k`` (0-based) of all replicas from (x, v) -> (x', v', coefficients used)."""
+        R = len(x)
+        if self.restarts is None:
+            self.restarts = np.zeros(R, dtype=np.int64)
+        if self.bond_ref is None:
+            b = np.asarray(self.fm.system.bonds).reshape(-1, 2)
+            self.bond_ref = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1).mean(0) if len(b) else None
+        rng = np.random.default_rng([self.seed, k])
+        gen = torch.Generator(device=self.fm.device).manual_seed(int(rng.integers(2**62)))
+        L = self._coefficients(k, rng, R, np.arange(R))
+        xn, vn = self._jump(x, v, L, gen)
+        bad = np.nonzero(self._bad(xn, vn))[0]
+        for i in bad:
+            for retry in range(1, self.max_retries + 1):
+                self.restarts[i] += 1
+                rng_i = np.random.default_rng([self.seed, k, int(i), retry])
+                gen_i = torch.Generator(device=self.fm.device).manual_seed(int(rng_i.integers(2**62)))
+                Li = self._coefficients(k, rng_i, 1, np.array([i]))
+                xi, vi = self._jump(x[i:i + 1], v[i:i + 1], Li, gen_i)
+                if not self._bad(xi, vi)[0]:
+                    xn[i], vn[i], L[i] = xi[0], vi[0], Li[0]
+                    break
             else:
-                L = brownian[:, k]
-            Ls.append(L.astype(np.float32))
-            x, v = self.jump(x, v, torch.as_tensor(L, dtype=dtype, device=self.device), tau_ps, mode, gen)
-            xs.append(x.cpu().numpy())
-            vs.append(v.cpu().numpy())
-        return {"positions": np.stack(xs, 1), "velocities": np.stack(vs, 1),
-                "brownian": np.stack(Ls, 1) if Ls else np.zeros((R, 0, N, A, 3), np.float32)}
+                raise SimulationError(
+                    f"replica {i} exploded at jump {k + 1} (non-finite state, a broken bond or kinetic "
+                    f"temperature > {EXPLOSION_FACTOR:g}x target) and {self.max_retries} restarts from its "
+                    f"last good state did not help: the map is not reliable at tau = {self.tau:g} ps from "
+                    "there; try a shorter --tau-ps or --mode mean")
+        return xn, vn, L
+
+
+def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarray, n_jumps: int, out: Path,
+                    meta: dict[str, Any], resume: bool, overwrite: bool, chunk_jumps: int | None,
+                    progress: bool):
+    from tqdm.auto import tqdm
+
+    from .trajectory import Trajectory, TrajectoryWriter
+
+    sys_ = fm.system
+    R, A, N = len(x0), sys_.n_atoms, fm.n_coefficients
+    attrs = {"molflow_version": __version__, "system": sys_.name, "fingerprint": sys_.fingerprint,
+             "pdb": sys_.pdb_text, "forcefield": list(sys_.forcefield_files),
+             "temperature_K": sys_.temperature_K, "friction_per_ps": sys_.friction_per_ps,
+             "timestep_fs": sys_.timestep_fs, "frame_interval_fs": meta["tau_ps"] * 1000.0,
+             "platform": f"torch {fm.device}", "hardware": device_description(fm.device),
+             "kind": "flowmap_samples", "model_fingerprint": fm.fingerprint,
+             "model_path": str(fm.metadata.get("path", "")), "model_step": int(fm.metadata.get("step") or 0),
+             "n_jumps_requested": int(n_jumps), **meta}
+    exists = out.exists()
+    done, wall0 = 0, 0.0
+    if exists and resume:
+        with Trajectory(out) as old:
+            a = old.attrs
+            n_old = old.n_frames
+            if n_old >= 1:
+                diffs = [f"{k}: file has {a.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
+                         if a.get(k) != attrs[k] and not (isinstance(attrs[k], float) and
+                                                           np.isclose(a.get(k, np.nan), attrs[k]))]
+                if diffs:
+                    raise InputError(f"cannot resume {out}: settings differ ({'; '.join(diffs)})")
+                x0 = np.asarray(old.positions[:, -1], dtype=np.float64)
+                v0 = np.asarray(old.velocities[:, -1], dtype=np.float64)
+                done = n_old - 1
+                wall0 = float(a.get("wall_clock_s", 0.0))
+                rollout.restarts = np.asarray(a.get("restarts_per_replica", [0] * R), dtype=np.int64)
+                if a.get("bond_reference_nm") is not None:
+                    rollout.bond_ref = np.asarray(a["bond_reference_nm"], dtype=np.float64)
+        if done == 0:
+            exists = False  # nothing complete: start again
+    elif exists and not overwrite:
+        raise InputError(f"{out} exists: pass resume=True (--resume) to continue it or overwrite=True (--overwrite)")
+    if exists and done > 0:
+        writer = TrajectoryWriter.open_append(out)
+        writer.set_attrs(n_jumps_requested=int(n_jumps))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        writer = TrajectoryWriter.create(out, R, A, N, {**attrs, "n_restarts": 0, "restarts_per_replica": [0] * R,
+                                                        "wall_clock_s": 0.0},
+                                         chunk_frames=chunk_jumps or 16, forces=False, energies=False)
+        writer.append(np.array([0.0]), x0[:, None].astype(np.float32), v0[:, None].astype(np.float32),
+                      np.zeros((R, 0, N, A, 3), np.float32))
+    rollout.restarts = rollout.restarts if rollout.restarts is not None else np.zeros(R, dtype=np.int64)
+    if rollout.bond_ref is None and len(sys_.bonds):
+        b = np.asarray(sys_.bonds)
+        rollout.bond_ref = np.linalg.norm(x0[:, b[:, 0]] - x0[:, b[:, 1]], axis=-1).mean(0)
+    if rollout.bond_ref is not None:
+        writer.set_attrs(bond_reference_nm=rollout.bond_ref.tolist())
+    chunk = max(1, int(chunk_jumps or max(1, min(64, 2**22 // max(1, R * A * 3 * 4)))))
+    tau = meta["tau_ps"]
+    bar = tqdm(total=n_jumps, initial=min(done, n_jumps), disable=not progress, desc="sample", unit="jump",
+               file=sys.stderr, dynamic_ncols=True)
+    x, v = x0, v0
+    buf: dict[str, list] = {"x": [], "v": [], "L": [], "t": []}
+    t_start = time.perf_counter()
+
+    def flush() -> None:
+        if not buf["t"]:
+            return
+        writer.append(np.array(buf["t"]), np.stack(buf["x"], 1).astype(np.float32),
+                      np.stack(buf["v"], 1).astype(np.float32), np.stack(buf["L"], 1),
+                      wall_clock_s=wall0 + time.perf_counter() - t_start,
+                      n_restarts=int(rollout.restarts.sum()))
+        writer.set_attrs(restarts_per_replica=rollout.restarts.tolist())
+        for key in buf:
+            buf[key].clear()
+
+    try:
+        for k in range(done, n_jumps):
+            x, v, L = rollout.step(k, x, v)
+            buf["x"].append(x)
+            buf["v"].append(v)
+            buf["L"].append(L)
+            buf["t"].append((k + 1) * tau)
+            bar.update(1)
+            if len(buf["t"]) >= chunk:
+                flush()
+                bar.set_postfix(restarts=int(rollout.restarts.sum()))
+    finally:
+        flush()  # whatever is complete is kept, also on an error or Ctrl-C
+        writer.close()
+        bar.close()
+    return Trajectory(out)

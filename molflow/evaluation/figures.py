@@ -122,4 +122,28 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_yscale("log")
         ax.legend()
         _save(fig, out_dir / "implied_timescales.png", paths)
+    # strong error vs jumps (pathwise samples only)
+    pw = result.get("pathwise") or {}
+    if pw.get("jumps"):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        t = np.asarray(pw["time_ps"])
+        for key, label in (("heavy_rmsd_raw_nm", "heavy RMSD raw"), ("heavy_rmsd_aligned_nm", "heavy RMSD aligned")):
+            axes[0].errorbar(t, _arr(pw["strong_error_" + key]), yerr=_arr(pw.get("strong_error_" + key + "_se")),
+                             fmt="o-", ms=3, label=label)
+        for key, label in (("dphi_deg", "Δφ"), ("dpsi_deg", "Δψ")):
+            axes[1].errorbar(t, _arr(pw["strong_error_" + key]), yerr=_arr(pw.get("strong_error_" + key + "_se")),
+                             fmt="o-", ms=3, label=label)
+        axes[0].set_ylabel("RMS error (nm)")
+        axes[1].set_ylabel("RMS error (deg)")
+        for ax in axes:
+            ax.set_xlabel(f"time (ps) = jumps x {pw['time_ps'][0]:g} ps")
+            ax.legend()
+        fig.suptitle(f"strong error vs jumps ({pw.get('mode')} mode, {pw['n_replicas']} replicas)")
+        _save(fig, out_dir / "strong_error.png", paths)
     return paths
+
+
+def _arr(values) -> np.ndarray | None:
+    if values is None:
+        return None
+    return np.array([np.nan if v is None else v for v in values], dtype=float)

@@ -15,7 +15,9 @@ Legendre polynomials, sum_n (2n+1)/tau (∫ f P_n) L^(n), plus an independent Ga
 2x2 (x, v) covariance is known; the remainder is drawn from the first two latent vectors. So at
 tau -> 0 the map is the identity, for a free particle it is exact in law, and the network's
 correction (scaled by tau, and by 1 - e^{-tau/tau_v} for velocities) carries forces and the spread the
-coefficients cannot resolve. The network is the E(3)-equivariant :class:`~molflow.models.painn.PaiNN`.
+coefficients cannot resolve. The network is an E(3)-equivariant backbone chosen by
+``MapConfig.backbone``: :class:`~molflow.models.painn.PaiNN` (default, pure torch) or
+:class:`~molflow.models.e3nn_backbone.E3nnBackbone` (needs the optional package e3nn).
 """
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..sde import free_langevin_conditional
 from .painn import PaiNN
 
 ELEMENTS = ("H", "C", "N", "O", "S")
 MAX_GRAPH_DISTANCE = 4  # bonded graph distance one-hot: 1, 2, 3, >= 4 bonds
 TAU_V_PS = 0.01  # velocity-correction onset: ~ the fastest vibrations (C-H period 11 fs)
+BACKBONES = ("painn", "e3nn")
 
 
 @dataclasses.dataclass
@@ -45,6 +49,11 @@ class MapConfig:
     n_layers: int = 3
     n_rbf: int = 16
     cutoff_nm: float = 1.2
+    backbone: str = "painn"  # "painn" | "e3nn" (see the class docstring for why painn is the default)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,9 +121,13 @@ class MolecularFlowMap(nn.Module):
         self.register_buffer("v_th", torch.as_tensor(v_th, dtype=dtype))  # nm/ps
         self.register_buffer("sigma", torch.as_tensor(np.sqrt(2 * gamma_per_ps) * v_th, dtype=dtype))
         N, k = config.n_coefficients, config.n_latent
-        self.net = PaiNN(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
-                         n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
-                         n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
+        if config.backbone == "e3nn":
+            from .e3nn_backbone import E3nnBackbone as net_class  # optional dependency, imported on use
+        else:
+            net_class = PaiNN
+        self.net = net_class(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
+                             n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
+                             n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
 
     @property
     def n_atoms(self) -> int:

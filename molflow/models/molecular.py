@@ -41,7 +41,29 @@ BACKBONES = ("painn", "e3nn")
 
 @dataclasses.dataclass
 class MapConfig:
-    """Architecture of the molecular map (stored in checkpoints)."""
+    """Architecture of the molecular map (stored in checkpoints).
+
+    ``backbone``: ``"painn"`` (default; :mod:`molflow.models.painn`, pure torch) or ``"e3nn"``
+    (:mod:`molflow.models.e3nn_backbone`, tensor products with l <= 2 spherical harmonics; needs the
+    optional package e3nn). PaiNN is the default by measurement (``benchmarks/backbone_compare.py``,
+    results in ``benchmarks/results/backbone_compare_cpu.json``): alanine dipeptide, N = 3, 4 x 40 ps
+    at 20 fs, 2 layers, equal parameter budget (PaiNN F = 32: 32,226 parameters; e3nn F = 32: 32,192),
+    same data, seed and settings, one CPU thread (shared AMD EPYC, no GPU):
+
+    - speed: e3nn is 4.6x slower per forward+backward of a 32-molecule batch (0.79 vs 0.17 s),
+      3.4x slower per training step (0.59 vs 0.18 s) and 7.2x slower at inference
+      (54 vs 386 molecule-jumps/s);
+    - accuracy at equal steps (600): no gain from e3nn — held-out one-jump aligned heavy-atom RMSD
+      in mean mode 0.0337 vs 0.0334 nm at tau = 0.1 ps and 0.184 vs 0.175 nm at 0.5 ps
+      (+-0.0004 / 0.002 nm standard errors over 192 items; one training seed), and sample mode
+      worse (0.052 vs 0.042 nm, 0.275 vs 0.217 nm);
+    - accuracy at equal wall time (PaiNN's 105 s; e3nn gets 178 steps): e3nn 1.9x worse
+      (0.064 vs 0.033 nm at 0.1 ps, 0.329 vs 0.175 nm at 0.5 ps).
+
+    Both maps are far from the floor at this CPU size (PaiNN 0.033 nm vs floor/sqrt2 0.0012 nm at
+    0.1 ps), so the comparison is of the under-trained regime; e3nn's angular (l = 2) features may
+    still pay off with long GPU training — the benchmark's GPU command is in its docstring.
+    """
 
     n_coefficients: int = 3
     n_latent: int = 4  # latent vectors per atom (>= 2: two feed the exact OU remainder)

@@ -93,3 +93,61 @@ def test_free_particle_part_is_exact_in_law(ala2):
     expected = ala2.kT_kj_mol / ala2.masses_amu * (1 - np.exp(-2 * tau))
     ratio = vt.detach().var(dim=(0, 2)).numpy() / expected
     assert np.all(np.abs(ratio - 1) < 5 * np.sqrt(2 / (3 * n))), ratio
+
+
+# ---------------------------------------------------------------- the optional e3nn backbone
+
+@pytest.fixture(scope="module")
+def e3nn_model(ala2):
+    pytest.importorskip("e3nn", reason="the optional e3nn backbone needs e3nn (pip install e3nn, in the test extra)")
+    old = torch.get_default_dtype()
+    # e3nn bakes its Clebsch-Gordan constants into the tensor products in the default dtype at
+    # construction; built in float32 and cast with .double(), they stay float32-accurate (~1e-8)
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        scal, edges = atom_features(ala2)
+        m = MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, ala2.friction_per_ps,
+                             MapConfig(n_coefficients=3, n_latent=3, n_features=8, n_layers=2, backbone="e3nn"))
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_e3nn_backbone_e3_equivariance(e3nn_model, ala2, reflect):
+    """Rotation or reflection plus translation of inputs and latent moves the outputs along (float64)."""
+    from molflow.models.e3nn_backbone import E3nnBackbone
+
+    assert isinstance(e3nn_model.net, E3nnBackbone)
+    x, v, L, eps, tau = _inputs(ala2)
+    Q = _random_orthogonal(5, reflect)
+    shift = torch.tensor([-0.4, 1.1, 0.9], dtype=torch.float64)
+    xt, vt = e3nn_model(x, v, L, eps, tau)
+    xr, vr = e3nn_model(x @ Q.T + shift, v @ Q.T, L @ Q.T, eps @ Q.T, tau)  # latent rotated along
+    torch.testing.assert_close(xr, xt @ Q.T + shift, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(vr, vt @ Q.T, atol=1e-10, rtol=1e-10)
+    assert (xt - x).abs().max() > 1e-3  # and the map is not trivial
+
+
+def test_e3nn_backbone_identity_at_tau_zero(e3nn_model, ala2):
+    x, v, _, eps, _ = _inputs(ala2)
+    xt, vt = e3nn_model(x, v, torch.zeros(3, 3, 22, 3, dtype=torch.float64), eps, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(xt, x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(vt, v, atol=1e-9, rtol=0)
+
+
+def test_unknown_or_missing_backbone_is_a_clear_error(ala2, monkeypatch):
+    import sys
+
+    from molflow.errors import InputError
+
+    with pytest.raises(InputError, match="unknown backbone 'egnn'"):
+        MapConfig(backbone="egnn")
+    monkeypatch.setitem(sys.modules, "e3nn", None)  # as if e3nn were not installed
+    scal, edges = atom_features(ala2)
+    with pytest.raises(ImportError, match="pip install e3nn"):
+        MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, 1.0, MapConfig(backbone="e3nn"))

@@ -15,7 +15,9 @@ Legendre polynomials, sum_n (2n+1)/tau (∫ f P_n) L^(n), plus an independent Ga
 2x2 (x, v) covariance is known; the remainder is drawn from the first two latent vectors. So at
 tau -> 0 the map is the identity, for a free particle it is exact in law, and the network's
 correction (scaled by tau, and by 1 - e^{-tau/tau_v} for velocities) carries forces and the spread the
-coefficients cannot resolve. The network is the E(3)-equivariant :class:`~molflow.models.painn.PaiNN`.
+coefficients cannot resolve. The network is an E(3)-equivariant backbone chosen by
+``MapConfig.backbone``: :class:`~molflow.models.painn.PaiNN` (default, pure torch) or
+:class:`~molflow.models.e3nn_backbone.E3nnBackbone` (needs the optional package e3nn).
 """
 from __future__ import annotations
 
@@ -27,17 +29,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..sde import free_langevin_conditional
 from .painn import PaiNN
 
 ELEMENTS = ("H", "C", "N", "O", "S")
 MAX_GRAPH_DISTANCE = 4  # bonded graph distance one-hot: 1, 2, 3, >= 4 bonds
 TAU_V_PS = 0.01  # velocity-correction onset: ~ the fastest vibrations (C-H period 11 fs)
+BACKBONES = ("painn", "e3nn")
 
 
 @dataclasses.dataclass
 class MapConfig:
-    """Architecture of the molecular map (stored in checkpoints)."""
+    """Architecture of the molecular map (stored in checkpoints).
+
+    ``backbone``: ``"painn"`` (default; :mod:`molflow.models.painn`, pure torch) or ``"e3nn"``
+    (:mod:`molflow.models.e3nn_backbone`, tensor products with l <= 2 spherical harmonics; needs the
+    optional package e3nn). PaiNN is the default by measurement (``benchmarks/backbone_compare.py``,
+    results in ``benchmarks/results/backbone_compare_cpu.json``): alanine dipeptide, N = 3, 4 x 40 ps
+    at 20 fs, 2 layers, equal parameter budget (PaiNN F = 32: 32,226 parameters; e3nn F = 32: 32,192),
+    same data, seed and settings, one CPU thread (shared AMD EPYC, no GPU):
+
+    - speed: e3nn is 4.6x slower per forward+backward of a 32-molecule batch (0.79 vs 0.17 s),
+      3.4x slower per training step (0.59 vs 0.18 s) and 7.2x slower at inference
+      (54 vs 386 molecule-jumps/s);
+    - accuracy at equal steps (600): no gain from e3nn — held-out one-jump aligned heavy-atom RMSD
+      in mean mode 0.0337 vs 0.0334 nm at tau = 0.1 ps and 0.184 vs 0.175 nm at 0.5 ps
+      (+-0.0004 / 0.002 nm standard errors over 192 items; one training seed), and sample mode
+      worse (0.052 vs 0.042 nm, 0.275 vs 0.217 nm);
+    - accuracy at equal wall time (PaiNN's 105 s; e3nn gets 178 steps): e3nn 1.9x worse
+      (0.064 vs 0.033 nm at 0.1 ps, 0.329 vs 0.175 nm at 0.5 ps).
+
+    Both maps are far from the floor at this CPU size (PaiNN 0.033 nm vs floor/sqrt2 0.0012 nm at
+    0.1 ps), so the comparison is of the under-trained regime; e3nn's angular (l = 2) features may
+    still pay off with long GPU training — the benchmark's GPU command is in its docstring.
+    """
 
     n_coefficients: int = 3
     n_latent: int = 4  # latent vectors per atom (>= 2: two feed the exact OU remainder)
@@ -45,6 +71,11 @@ class MapConfig:
     n_layers: int = 3
     n_rbf: int = 16
     cutoff_nm: float = 1.2
+    backbone: str = "painn"  # "painn" | "e3nn" (see the class docstring for why painn is the default)
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,9 +143,13 @@ class MolecularFlowMap(nn.Module):
         self.register_buffer("v_th", torch.as_tensor(v_th, dtype=dtype))  # nm/ps
         self.register_buffer("sigma", torch.as_tensor(np.sqrt(2 * gamma_per_ps) * v_th, dtype=dtype))
         N, k = config.n_coefficients, config.n_latent
-        self.net = PaiNN(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
-                         n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
-                         n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
+        if config.backbone == "e3nn":
+            from .e3nn_backbone import E3nnBackbone as net_class  # optional dependency, imported on use
+        else:
+            net_class = PaiNN
+        self.net = net_class(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
+                             n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
+                             n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
 
     @property
     def n_atoms(self) -> int:

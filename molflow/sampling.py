@@ -18,7 +18,9 @@ Guards: after every jump each replica is checked (non-finite numbers, a bond out
 [0.5, 1.5] x its start length, kinetic temperature above 5x the thermostat's). A bad replica is
 restarted from its last good state with fresh latents (and, free-running, fresh coefficients) up to
 ``max_retries`` times; each restart is counted (file attrs ``n_restarts``,
-``restarts_per_replica``). A replica that keeps failing stops the run with a clear error, keeping
+``restarts_per_replica``). A replica that still fails is stopped: its later frames are NaN, and
+``stopped_at_jump`` records the jump (-1: never stopped) and ``n_stopped`` the count; the evaluator
+leaves stopped replicas out. When every replica has stopped the run ends with a clear error, keeping
 every complete frame.
 """
 from __future__ import annotations
@@ -196,7 +198,7 @@ class FlowMap:
                 raise InputError(f"{path} was trained for system {s['name']!r} (fingerprint {s['fingerprint']}), "
                                  f"not {other.name!r} (fingerprint {other.fingerprint}): atoms, bonds, force "
                                  "field or Langevin settings differ")
-        model = build_model(mol, MapConfig(**ck["map_config_json"]))
+        model = build_model(mol, MapConfig.from_dict(ck["map_config_json"]))
         try:
             model.load_state_dict(ck[weights])
         except (KeyError, RuntimeError) as exc:
@@ -272,6 +274,7 @@ class FlowMap:
         rollout = _Rollout(self, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries)
         if out is None:
             xs, vs, Ls = [x0.astype(np.float32)], [v0.astype(np.float32)], []
+            rollout.restarts, rollout.stopped_at = np.zeros(R, np.int64), np.full(R, -1, np.int64)
             for k in range(n_jumps):
                 x0, v0, L = rollout.step(k, x0, v0)
                 xs.append(x0.astype(np.float32))
@@ -279,7 +282,8 @@ class FlowMap:
                 Ls.append(L)
             return {"positions": np.stack(xs, 1), "velocities": np.stack(vs, 1),
                     "brownian": np.stack(Ls, 1) if Ls else np.zeros((R, 0, N, A, 3), np.float32),
-                    "restarts_per_replica": rollout.restarts, "seed": seed}
+                    "restarts_per_replica": rollout.restarts, "stopped_at_jump": rollout.stopped_at,
+                    "seed": seed}
         meta = {**(attrs or {}), "mode": mode, "pathwise": brownian is not None, "tau_ps": float(tau_ps),
                 "n_replicas": R, "seed": seed, "n_coefficients": N}
         return _sample_to_file(self, rollout, x0, v0, n_jumps, Path(out), meta, resume, overwrite,
@@ -294,6 +298,7 @@ class _Rollout:
         self.fm, self.tau, self.n_steps, self.mode, self.seed = fm, float(tau_ps), n_steps, mode, seed
         self.brownian, self.batch_size, self.max_retries = brownian, int(batch_size), int(max_retries)
         self.restarts: np.ndarray | None = None
+        self.stopped_at: np.ndarray | None = None  # jump (1-based) at which a replica stopped, -1 running
         self.bond_ref: np.ndarray | None = None
 
     def _coefficients(self, k: int, rng: np.random.Generator, R: int, replicas: np.ndarray) -> np.ndarray:
@@ -333,6 +338,8 @@ class _Rollout:
         R = len(x)
         if self.restarts is None:
             self.restarts = np.zeros(R, dtype=np.int64)
+        if self.stopped_at is None:
+            self.stopped_at = np.full(R, -1, dtype=np.int64)
         if self.bond_ref is None:
             b = np.asarray(self.fm.system.bonds).reshape(-1, 2)
             self.bond_ref = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1).mean(0) if len(b) else None
@@ -340,8 +347,8 @@ class _Rollout:
         gen = torch.Generator(device=self.fm.device).manual_seed(int(rng.integers(2**62)))
         L = self._coefficients(k, rng, R, np.arange(R))
         xn, vn = self._jump(x, v, L, gen)
-        bad = np.nonzero(self._bad(xn, vn))[0]
-        for i in bad:
+        running = self.stopped_at < 0
+        for i in np.nonzero(self._bad(xn, vn) & running)[0]:
             for retry in range(1, self.max_retries + 1):
                 self.restarts[i] += 1
                 rng_i = np.random.default_rng([self.seed, k, int(i), retry])
@@ -352,11 +359,15 @@ class _Rollout:
                     xn[i], vn[i], L[i] = xi[0], vi[0], Li[0]
                     break
             else:
-                raise SimulationError(
-                    f"replica {i} exploded at jump {k + 1} (non-finite state, a broken bond or kinetic "
-                    f"temperature > {EXPLOSION_FACTOR:g}x target) and {self.max_retries} restarts from its "
-                    f"last good state did not help: the map is not reliable at tau = {self.tau:g} ps from "
-                    "there; try a shorter --tau-ps or --mode mean")
+                self.stopped_at[i] = k + 1
+                xn[i] = vn[i] = np.nan
+        xn[~running] = vn[~running] = np.nan
+        if (self.stopped_at >= 0).all():
+            raise SimulationError(
+                f"every replica exploded (non-finite state, a broken bond or kinetic temperature > "
+                f"{EXPLOSION_FACTOR:g}x target) even after {self.max_retries} restarts from its last good state, "
+                f"the last at jump {k + 1}: the map is not reliable at tau = {self.tau:g} ps; try a shorter "
+                "--tau-ps or --mode mean")
         return xn, vn, L
 
 
@@ -394,6 +405,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
                 done = n_old - 1
                 wall0 = float(a.get("wall_clock_s", 0.0))
                 rollout.restarts = np.asarray(a.get("restarts_per_replica", [0] * R), dtype=np.int64)
+                rollout.stopped_at = np.asarray(a.get("stopped_at_jump", [-1] * R), dtype=np.int64)
                 if a.get("bond_reference_nm") is not None:
                     rollout.bond_ref = np.asarray(a["bond_reference_nm"], dtype=np.float64)
         if done == 0:
@@ -406,11 +418,13 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         writer = TrajectoryWriter.create(out, R, A, N, {**attrs, "n_restarts": 0, "restarts_per_replica": [0] * R,
+                                                        "n_stopped": 0, "stopped_at_jump": [-1] * R,
                                                         "wall_clock_s": 0.0},
                                          chunk_frames=chunk_jumps or 16, forces=False, energies=False)
         writer.append(np.array([0.0]), x0[:, None].astype(np.float32), v0[:, None].astype(np.float32),
                       np.zeros((R, 0, N, A, 3), np.float32))
     rollout.restarts = rollout.restarts if rollout.restarts is not None else np.zeros(R, dtype=np.int64)
+    rollout.stopped_at = rollout.stopped_at if rollout.stopped_at is not None else np.full(R, -1, dtype=np.int64)
     if rollout.bond_ref is None and len(sys_.bonds):
         b = np.asarray(sys_.bonds)
         rollout.bond_ref = np.linalg.norm(x0[:, b[:, 0]] - x0[:, b[:, 1]], axis=-1).mean(0)
@@ -430,8 +444,8 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
         writer.append(np.array(buf["t"]), np.stack(buf["x"], 1).astype(np.float32),
                       np.stack(buf["v"], 1).astype(np.float32), np.stack(buf["L"], 1),
                       wall_clock_s=wall0 + time.perf_counter() - t_start,
-                      n_restarts=int(rollout.restarts.sum()))
-        writer.set_attrs(restarts_per_replica=rollout.restarts.tolist())
+                      n_restarts=int(rollout.restarts.sum()), n_stopped=int((rollout.stopped_at >= 0).sum()))
+        writer.set_attrs(restarts_per_replica=rollout.restarts.tolist(), stopped_at_jump=rollout.stopped_at.tolist())
         for key in buf:
             buf[key].clear()
 
@@ -445,7 +459,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
             bar.update(1)
             if len(buf["t"]) >= chunk:
                 flush()
-                bar.set_postfix(restarts=int(rollout.restarts.sum()))
+                bar.set_postfix(restarts=int(rollout.restarts.sum()), stopped=int((rollout.stopped_at >= 0).sum()))
     finally:
         flush()  # whatever is complete is kept, also on an error or Ctrl-C
         writer.close()

@@ -8,12 +8,13 @@ import torch
 from molflow.models import MapConfig, MolecularFlowMap, atom_features
 
 
-@pytest.fixture(scope="module")
-def model(ala2):
+@pytest.fixture(scope="module", params=["identity", "ou"])
+def model(ala2, request):
     torch.manual_seed(0)
     scal, edges = atom_features(ala2)
     m = MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, ala2.friction_per_ps,
-                         MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2)).double()
+                         MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2,
+                                   base=request.param)).double()
     # make the correction non-trivial (the default init keeps it small but nonzero)
     with torch.no_grad():
         for p in m.parameters():
@@ -81,7 +82,7 @@ def test_free_particle_part_is_exact_in_law(ala2):
     torch.manual_seed(0)
     scal, edges = atom_features(ala2)
     m = MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, 1.0,
-                         MapConfig(n_coefficients=3, n_latent=2, n_features=8, n_layers=1)).double()
+                         MapConfig(n_coefficients=3, n_latent=2, n_features=8, n_layers=1, base="ou")).double()
     with torch.no_grad():
         m.net.out.mix.weight.zero_()  # the correction vanishes: only the exact OU part remains
     n, tau = 4000, 0.5

@@ -1,7 +1,7 @@
 """The sampler: the run-file contract, exact resume, pathwise inputs, guards, and the CLI.
 
-Most tests use a *force-blind* map: a checkpoint whose network weights are all zero, so the map is
-exactly the free-particle Ornstein-Uhlenbeck conditional law (models/molecular.py) — a known map,
+Most tests use a *force-blind* map: a checkpoint with the "ou" base whose network weights are all
+zero, so the map is exactly the free-particle Ornstein-Uhlenbeck conditional law (models/molecular.py) — a known map,
 which makes the plumbing checkable without a trained model. Free atoms drift apart within tens of
 fs, which the explosion guard rightly flags; the plumbing tests widen its bond range so that they do
 not depend on it, and the guard has its own test with the default range.
@@ -38,7 +38,8 @@ def files(tmp_path_factory):
     molflow.simulate("alanine_dipeptide", run, replicas=2, time_ps=0.4, frame_fs=4.0, n_coefficients=3,
                      equilibrate_ps=0.5, seed=21, progress=False).close()
     model = d / "m.pt"
-    train("alanine_dipeptide", [str(run)], model, tau_max_ps=TAU, steps=1, seed=3, config=TINY, progress=False)
+    train("alanine_dipeptide", [str(run)], model, tau_max_ps=TAU, steps=1, seed=3, config=TINY, progress=False,
+          base="ou")
     ck = load_checkpoint(model)
     for key in ("model", "ema"):  # force-blind: the network's correction is exactly zero
         ck[key] = {k: (torch.zeros_like(t) if k.startswith("net.") else t) for k, t in ck[key].items()}
@@ -105,7 +106,7 @@ def test_pathwise_inputs_compose_the_recorded_path(files):
         pathwise_inputs(run, tau_ps=0.008, n_jumps=51)  # 101 frames: 50 jumps
 
 
-def test_guard_restarts_a_replica_and_counts_it(files, monkeypatch):
+def test_guard_restarts_or_stops_a_replica_and_counts_it(files, monkeypatch, tmp_path):
     run, model = files
     fm = FlowMap.load(model, device="cpu")
     x0, v0 = start_states_from_run(run, 3)
@@ -125,12 +126,27 @@ def test_guard_restarts_a_replica_and_counts_it(files, monkeypatch):
     assert np.isfinite(out["positions"]).all()
     assert out["restarts_per_replica"].tolist() == [0, 1, 0]
 
-    def exploding(x, v, L, eps, tau):
+    def broken_one(x, v, L, eps, tau):  # replica 1 explodes from the second jump on, whatever is drawn
+        calls["n"] += 1
         xt, vt = real(x, v, L, eps, tau)
-        return xt, vt * 10.0  # kinetic temperature 100x the thermostat's
-    monkeypatch.setattr(fm.model, "forward", exploding)
-    with pytest.raises(SimulationError, match="replica 0 exploded at jump 1"):
-        fm.sample((x0, v0), n_jumps=2, tau_ps=TAU, seed=1, max_retries=2)
+        if calls["n"] >= 2 and (len(x) == 1 or len(x) == 3):
+            vt = vt.clone()
+            vt[1 if len(x) == 3 else 0] *= 10.0  # kinetic temperature 100x the thermostat's
+        return xt, vt
+
+    calls["n"] = 0
+    monkeypatch.setattr(fm.model, "forward", broken_one)
+    with pytest.raises(SimulationError, match="every replica exploded"):
+        fm.sample((x0[:1], v0[:1]), n_jumps=3, tau_ps=TAU, seed=1, max_retries=2)
+    calls["n"] = 0
+    traj = fm.sample((x0, v0), n_jumps=3, tau_ps=TAU, seed=1, max_retries=2, out=tmp_path / "stop.h5")
+    a = traj.attrs
+    assert a["stopped_at_jump"] == [-1, 2, -1] and a["n_stopped"] == 1 and a["restarts_per_replica"][1] == 2
+    pos = np.asarray(traj.positions)
+    assert np.isfinite(pos[[0, 2]]).all() and np.isfinite(pos[1, :2]).all() and np.isnan(pos[1, 2:]).all()
+    traj.close()
+    m = molflow.evaluate(run, tmp_path / "stop.h5", tmp_path / "rep", progress=False)
+    assert m["samples"]["n_replicas"] == 2 and "left out" in m["samples"]["evaluation_note"]
     # the default bond range: a structure stretched 1.6x is an explosion, the start states are not
     monkeypatch.setattr(sampling, "BOND_RANGE", (0.5, 1.5))
     guard = sampling._Rollout(fm, TAU, 8, "sample", 1, None, 64, 1)

@@ -99,9 +99,28 @@ def load_run(path: str | os.PathLike, system, label: str) -> RunData:
         t_kin = kinetic_temperature(np.asarray(t.velocities[:, idx], dtype=np.float64), system.masses_amu)
         attrs = t.attrs
         dt = t.frame_interval_ps
+    phi, psi = np.concatenate(phis, 1), np.concatenate(psis, 1)
+    finite = np.isfinite(phi) & np.isfinite(psi)
+    if not finite.all():  # a sampler stopped some replicas (their later frames are NaN)
+        whole = finite.all(1)
+        if whole.any():
+            keep = np.nonzero(whole)[0]
+            attrs["evaluation_note"] = (f"{len(phi) - len(keep)} of {len(phi)} replicas stopped by the sampler's "
+                                        "explosion guard are left out")
+            phi, psi, pos, t_kin = phi[keep], psi[keep], pos[keep], t_kin[keep]
+            energies = None if energies is None else energies[keep]
+        else:
+            n = int(np.argmin(finite.all(0)))  # the first frame at which some replica has stopped
+            if n < 2:
+                raise InputError(f"{path}: every replica stopped within its first jump; nothing to evaluate")
+            attrs["evaluation_note"] = f"every replica stopped at some point: frames 0..{n - 1} are used"
+            phi, psi = phi[:, :n], psi[:, :n]
+            sel = idx < n
+            idx, pos, t_kin = idx[sel], pos[:, sel], t_kin[:, sel]
+            energies = None if energies is None else energies[:, sel]
     if energies is None:  # sampled runs carry no energies: recompute them with OpenMM
         energies = _energies(system, pos)
-    return RunData(label, np.concatenate(phis, 1), np.concatenate(psis, 1), dt, pos, energies, idx, attrs, t_kin)
+    return RunData(label, phi, psi, dt, pos, energies, idx, attrs, t_kin)
 
 
 def _energies(system, positions: np.ndarray) -> np.ndarray:
@@ -202,6 +221,10 @@ def _pathwise(reference, samples, ref: RunData, smp: RunData, system, tau_ps: fl
             return {"value": None, "reason": "no jump of the samples lines up with reference frames"}
         pred = np.asarray(s.positions[:R, 1:K + 1])
         true = np.asarray(r.positions[:R, m: m * K + 1: m])
+    whole = np.isfinite(pred).all(axis=(1, 2, 3))  # replicas the sampler's guard stopped are left out
+    if not whole.any():
+        return {"value": None, "reason": "every pathwise replica was stopped by the sampler's explosion guard"}
+    pred, true = pred[whole], true[whole]
     phi_q, psi_q = system.central_dihedrals()
     err = M.strong_error(pred, true, system.heavy_atoms, phi_q, psi_q)
     out: dict[str, Any] = {"jumps": [k + 1 for k in err["jump_index"]], "time_ps": [(k + 1) * tau_ps for k in err["jump_index"]],
@@ -274,9 +297,13 @@ def evaluate(reference: str | os.PathLike, samples: str | os.PathLike, report: s
 
 
 def _describe(path, run: RunData) -> dict[str, Any]:
-    return {"path": str(path), "n_replicas": run.phi.shape[0], "n_frames": run.phi.shape[1],
-            "frame_interval_ps": run.dt_ps, "simulated_ns": run.simulated_ns,
-            "kind": run.attrs.get("kind", "reference_md"), "hardware": run.attrs.get("hardware")}
+    out = {"path": str(path), "n_replicas": run.phi.shape[0], "n_frames": run.phi.shape[1],
+           "frame_interval_ps": run.dt_ps, "simulated_ns": run.simulated_ns,
+           "kind": run.attrs.get("kind", "reference_md"), "hardware": run.attrs.get("hardware")}
+    for key in ("mode", "pathwise", "n_restarts", "n_stopped", "evaluation_note"):
+        if key in run.attrs:
+            out[key] = run.attrs[key]
+    return out
 
 
 def _jsonable(x):
@@ -308,7 +335,13 @@ def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
              f"Reference: `{r['reference']['path']}` ({r['reference']['n_replicas']} replicas x "
              f"{r['reference']['n_frames']} frames, {r['reference']['simulated_ns']:.3g} ns). Samples: "
              f"`{r['samples']['path']}` ({r['samples']['n_replicas']} x {r['samples']['n_frames']}, "
-             f"tau = {r['tau_ps']:g} ps).", "", "## Conventions", ""]
+             f"tau = {r['tau_ps']:g} ps).", ""]
+    smp = r["samples"]
+    if smp.get("kind") == "flowmap_samples":
+        lines += [f"Sampler: {smp.get('mode')} mode, {'pathwise' if smp.get('pathwise') else 'free-running'}; "
+                  f"guard restarts {smp.get('n_restarts', 0)}, replicas stopped {smp.get('n_stopped', 0)}."
+                  + (f" {smp['evaluation_note']}." if smp.get("evaluation_note") else ""), ""]
+    lines += ["## Conventions", ""]
     lines += [f"- **{k}**: {v}" for k, v in r["conventions"].items()]
     lines += ["", "## Stationary", "", "| row | JS(φ,ψ) | FES RMSE φ | FES RMSE ψ | FES RMSE 2-D | bond W1 (nm) | "
               "energy W1 (kJ/mol) | T_kin samples (K) |", "|---|---|---|---|---|---|---|---|"]

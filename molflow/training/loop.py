@@ -267,7 +267,7 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
         if ck["system_json"]["fingerprint"] != mol.fingerprint:
             raise InputError(f"cannot resume {out}: it was trained for another system")
         cfg = dataclasses.replace(TrainConfig.from_dict(ck["train_config_json"]), steps=cfg.steps)
-        map_cfg = MapConfig(**ck["map_config_json"])
+        map_cfg = MapConfig.from_dict(ck["map_config_json"])
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, int(ck["seed"]))
         trainer.load_state(ck)
     else:  # a fresh run replaces an existing --out (pass resume=True to continue it)

@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("quickstart", help="the main job on the built-in alanine dipeptide",
-                       description="Short reference MD of alanine dipeptide and a report with a "
-                                   "Ramachandran plot, all under --out (a few minutes on 2 cores).")
+                       description="Reference MD of alanine dipeptide, a short training run, sampling "
+                                   "with the shipped pretrained flow map (free-running and pathwise) and "
+                                   "their evaluation against the reference: everything under --out "
+                                   "(about 5 minutes on 2 CPU cores).")
     p.add_argument("--out", default="molflow-quickstart", help="output folder (default molflow-quickstart)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--small", action="store_true", help="a tiny run (for tests)")

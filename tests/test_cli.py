@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+import molflow
+
 from molflow.cli import EXIT_INPUT, main
 
 
@@ -75,4 +77,13 @@ def test_quickstart_small(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "ramachandran.png" in report and (out / "ramachandran.png").stat().st_size > 10_000
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["frames"] == 21 and summary["seed"] == 3
+    assert summary["reference_md"]["frames"] == 21 and summary["seed"] == 3
+    # the grown quickstart: short training, sampling with the shipped map, evaluation of both runs
+    assert summary["training"]["steps"] == 3 and (out / "model_short.pt").is_file()
+    with molflow.Trajectory(out / "samples.h5") as t:
+        assert t.attrs["kind"] == "flowmap_samples" and t.n_frames == 4
+    for name in ("free_running", "pathwise"):
+        assert (out / f"evaluation_{name}" / "metrics.json").is_file()
+        assert "js_phi_psi" in summary["evaluation"][name]
+    assert summary["evaluation"]["pathwise"].get("pathwise_heavy_rmsd_aligned_nm")
+    assert "## 4. Evaluation" in report

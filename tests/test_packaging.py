@@ -47,3 +47,4 @@ def test_wheel_carries_every_subpackage_and_the_builtin_systems(tmp_path):
     for system in ("alanine_dipeptide", "trialanine"):
         for f in ("system.yaml", "structure.pdb"):
             assert any(n.endswith(f"share/molflow/systems/{system}/{f}") for n in names), (system, f)
+    assert any(n.endswith("share/molflow/systems/alanine_dipeptide/flowmap.pt") for n in names)  # quickstart's map

@@ -10,8 +10,11 @@ up to tau_max, and on held-out frames measures, for tau in --tau-ps:
   training throughput (items/s) and inference throughput (molecule-jumps/s).
 Prints a table and writes JSON (hardware, versions, settings, every number).
 
-    python benchmarks/flowmap_quality.py --size small --out flowmap_quality_cpu.json
+    OMP_NUM_THREADS=1 python benchmarks/flowmap_quality.py --size small --out flowmap_quality_cpu.json
     python benchmarks/flowmap_quality.py --size full --device cuda --out flowmap_quality_gpu.json
+
+Both sizes cover N = 1, 3, 8; the small size uses the same steps and items for every N (about
+5 minutes per N on one shared CPU core).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from molflow.training.data import FrameData
 
 SIZES = {
     "small": dict(replicas=4, time_ps=40.0, steps=800, batch_size=16, n_features=32, n_layers=2,
-                  floor_starts=8, eval_items=64, coefficients=[3], taus=[0.05, 0.1, 0.2, 0.5]),
+                  floor_starts=8, eval_items=64, coefficients=[1, 3, 8], taus=[0.05, 0.1, 0.2, 0.5]),
     "full": dict(replicas=64, time_ps=500.0, steps=20000, batch_size=64, n_features=64, n_layers=3,
                  floor_starts=32, eval_items=512, coefficients=[1, 3, 8], taus=[0.05, 0.1, 0.2, 0.5, 1.0]),
 }
@@ -163,6 +166,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "flowmap_quality", "size": args.size, "system": "alanine_dipeptide",
               "settings": {**cfg, "frame_fs": 20.0, "seed": args.seed, "device": str(fm.device)},
               "hardware": {"torch_device": str(fm.device), "md": hardware_description("CPU"),
+                           "torch_threads": torch.get_num_threads(),
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "versions": {"molflow": molflow.__version__, "torch": torch.__version__, "openmm": openmm.__version__,
                            "python": _pf.python_version()},

@@ -44,6 +44,17 @@ def pretrained_map() -> Path:
 
 def run_quickstart(out: Path, seed: int | None = None, small: bool = False, progress: bool = True) -> Path:
     """Run the quickstart into folder ``out``; returns the path of ``report.md``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is faster and never fights OpenMM's workers
+    try:
+        return _run(out, seed, small, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, seed: int | None, small: bool, progress: bool) -> Path:
     from .evaluation.report import evaluate
     from .sampling import FlowMap, pathwise_inputs, start_states_from_run
     from .training.loop import train

@@ -778,12 +778,16 @@ class ToyFlowMap(nn.Module):
 
         z_next = base(z, L, τ [, ε]) + scale ⊙ (τ/τ_ref)^p · D_θ(ẑ, ℓ, ε, log(τ/τ_ref))
 
-    with ẑ = (z - shift)/scale — or, with ``state_transform`` A (d, d), ẑ = ((z - shift) A)/scale and
-    the correction mapped back by A⁻¹ (network input and output in whitened coordinates, e.g.
-    normal modes scaled to unit thermal spread: every mode, fast or slow, is then an O(1) number to
-    the network; see benchmarks/mixed_mode_toy.py for what that does to rollout stability) —, ℓ^(n) = L^(n)·sqrt((2n+1)/τ) (standard normal under the Brownian
+    with ẑ = (z - shift)/scale, ℓ^(n) = L^(n)·sqrt((2n+1)/τ) (standard normal under the Brownian
     law), D_θ an MLP whose last layer starts at zero.  τ → 0 gives the identity by construction
-    (base → z, (τ/τ_ref)^p → 0).  ``base``:
+    (base → z, (τ/τ_ref)^p → 0).
+
+    ``state_transform`` A (d, d): the network works in whitened coordinates, ẑ = ((z - shift) A)/scale,
+    and its correction is mapped back, Δz = (scale ⊙ (τ/τ_ref)^p · D_θ) A⁻¹ (e.g. normal modes
+    scaled to unit thermal spread: every mode, fast or slow, is an O(1) number to the network).
+    ``linear_skip``: D_θ = MLP + a linear map of the same inputs (zero-initialised), so the linear
+    (harmonic) part of the jump is represented exactly.  Both together made the mixed-mode toy's
+    free-running rollouts stable (benchmarks/mixed_mode_toy.py has the measurements).  ``base``:
 
     * ``"identity"``: z (the network learns everything else);
     * ``"noise"``: z + G L^(0) — the exact solution of the pure-noise part dz = G dW (any SDE);

@@ -419,10 +419,15 @@ def sample_coefficients_torch(tau: torch.Tensor, n_coefficients: int, w_shape, g
     return std * _randn((b, n_coefficients) + w_shape, generator, tau.dtype, tau.device)
 
 
+@functools.lru_cache(maxsize=256)
+def _equal_composition_matrices(k: int, n: int) -> np.ndarray:
+    return np.stack(_B.composition_matrices(np.ones(k), n))  # (k, N, N); cached: direct items reuse k
+
+
 def compose_consecutive(pieces: torch.Tensor) -> torch.Tensor:
     """Exact coefficients (B, N, *W) of the union of k equal consecutive pieces (B, k, N, *W)."""
     b, k, n = pieces.shape[:3]
-    a = torch.as_tensor(np.stack(_B.composition_matrices(np.ones(k), n)), dtype=pieces.dtype,
+    a = torch.as_tensor(_equal_composition_matrices(int(k), int(n)), dtype=pieces.dtype,
                         device=pieces.device)  # (k, N, N)
     flat = pieces.reshape(b, k, n, -1)
     return torch.einsum("pnm,bpmw->bnw", a, flat).reshape((b, n) + tuple(pieces.shape[3:]))

@@ -46,7 +46,10 @@ harmonic modes; variance / theory in mode coordinates):
   output), direct loss over τ ∈ [0.08, 2], 600 steps: largest mode 6.2× theory after one jump,
   840× by jump 8 (τ = 2: 6.2× and 7e12×): the τ *continuum* is the killer at this size —
   a harmonic mode's jump is a rotation by ωτ (10 rad at τ = 0.5, 40 at τ = 2 for ω = 20), and the
-  MLP does not follow it as a function of τ;
+  MLP does not follow it as a function of τ; the same continuum with the full fix below
+  (``--training ssfm --objective whitened_crps``, local 0.25 + semigroup 0.5 + direct 0.25,
+  3000 steps, 66 s) still diverges: some mode > 10× theory at jump 7 (τ = 0.5) and at jump 1
+  (τ = 2; first-jump mid/fast x variance 4-10×) — so the comparison below trains one map per τ;
 * one map per τ (direct, τ = 0.5 exactly), whitened, MLP only, 600 steps: largest mode
   2.9-5.0× theory over jumps 1-8 (output scaled by τ/τ_ref; 2.0-3.3× with no τ scaling);
   + linear skip: 0.76-1.37× — the fix kept (the linear skip carries the linear, harmonic part of

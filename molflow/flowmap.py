@@ -58,8 +58,10 @@ from . import brownian as _B
 __all__ = [
     "flatten_features",
     "scaled_features",
+    "linear_features",
     "energy_score",
     "crps_per_coordinate",
+    "variogram_score",
     "mse",
     "score",
     "local_loss",
@@ -79,6 +81,7 @@ __all__ = [
     "rollout",
     "gaussian_latent",
     "ToyFlowMap",
+    "ComposedFlowMap",
 ]
 
 _NORM_EPS = 1e-12  # added under square roots: keeps gradients finite where two samples coincide
@@ -112,6 +115,31 @@ def scaled_features(scale, shift=None) -> Callable[[torch.Tensor], torch.Tensor]
         if shift is not None:
             f = f - shift.to(f)
         return f / scale.to(f)
+
+    return features
+
+
+def linear_features(matrix=None, scale=None, shift=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``score_features`` of a whitening linear map: ((flatten(z) - shift) @ matrix) / scale.
+
+    ``matrix`` (D, D') e.g. the map to normal-mode coordinates (toy: block-diag(R, R), so that
+    q = Rᵀx per row), ``scale`` (D',) each output coordinate's thermal spread (toy: kT/ω² and the
+    well's variance, square-rooted; velocities sqrt(kT)).  Any of them may be None (identity).
+    An invertible linear map keeps every scoring rule (strictly) proper: it only changes the norm.
+    """
+    matrix = None if matrix is None else torch.as_tensor(matrix)
+    scale = None if scale is None else torch.as_tensor(scale)
+    shift = None if shift is None else torch.as_tensor(shift)
+
+    def features(z):
+        f = z.reshape(z.shape[0], -1)
+        if shift is not None:
+            f = f - shift.to(f)
+        if matrix is not None:
+            f = f @ matrix.to(f)
+        if scale is not None:
+            f = f / scale.to(f)
+        return f
 
     return features
 
@@ -170,6 +198,29 @@ def crps_per_coordinate(samples: torch.Tensor, target: torch.Tensor, beta: float
     raise ValueError("reduction must be 'mean' or 'sum'")
 
 
+def variogram_score(samples: torch.Tensor, target: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    """Variogram score of order p (Scheuerer & Hamill 2015), uniform weights, per item (B,).
+
+        VS_p = mean_{i<j} ( |y_i − y_j|^p − E|X_i − X_j|^p )²
+
+    over the D(D−1)/2 coordinate pairs, with the square of the expectation estimated without bias
+    from the m ≥ 2 samples (a² − 2a·b̄ + Σ_{j≠k} b_j b_k / (m(m−1)), b_j = |X_{j,i} − X_{j,k}|^p),
+    so the finite-m score has the expectation of the ideal one.  It sees the pairwise structure
+    (every coordinate's spread relative to every other's) but is only *proper*, not strictly: it is
+    blind to a common shift and to everything beyond the p-th absolute moment of the differences —
+    use it beside the joint energy score (``score(..., variogram_weight=w)``), which keeps the sum
+    strictly proper.  Units: features^(2p).
+    """
+    m = _check_samples(samples, target, True)
+    d = samples.shape[-1]
+    i, j = torch.triu_indices(d, d, offset=1, device=samples.device)
+    a = _pow_abs(target[:, i] - target[:, j], p)  # (B, P)
+    b = _pow_abs(samples[:, :, i] - samples[:, :, j], p)  # (m, B, P)
+    bsum = b.sum(0)
+    cross = (bsum * bsum - (b * b).sum(0)) / (m * (m - 1))  # unbiased for (E b)²
+    return (a * a - 2.0 * a * bsum / m + cross).mean(-1)
+
+
 def mse(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error ‖T_j − y‖² summed over D, averaged over the m ≥ 1 samples -> (B,)."""
     _check_samples(samples, target, False)
@@ -177,12 +228,23 @@ def mse(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def score(samples_f: torch.Tensor, target_f: torch.Tensor, objective: str = "energy", beta: float = 1.0,
-          crps_weight: float = 0.0) -> torch.Tensor:
-    """Per-item loss (B,) on features: ``"energy"`` (+ ``crps_weight`` × mean CRPS) or ``"mse"``."""
+          crps_weight: float = 0.0, variogram_weight: float = 0.0, variogram_p: float = 0.5) -> torch.Tensor:
+    """Per-item loss (B,) on features (m, B, D) vs (B, D).
+
+    ``"energy"``: the joint energy score (kernel ‖·‖^β, strictly proper for 0 < β < 2)
+    + ``crps_weight`` × the mean per-coordinate CRPS (strictly proper for each marginal; the sum
+    stays strictly proper for the joint law because the joint term is)
+    + ``variogram_weight`` × the variogram score of order ``variogram_p`` (proper only; kept
+    strictly proper by the joint term).  All three use the same m samples and the same features
+    (e.g. whitened coordinates, :func:`linear_features`).  ``"mse"``: squared error (the
+    conditional mean; not a scoring rule for the law).
+    """
     if objective == "energy":
         out = energy_score(samples_f, target_f, beta)
         if crps_weight:
             out = out + crps_weight * crps_per_coordinate(samples_f, target_f, beta)
+        if variogram_weight:
+            out = out + variogram_weight * variogram_score(samples_f, target_f, variogram_p)
         return out
     if objective == "mse":
         return mse(samples_f, target_f)
@@ -215,7 +277,8 @@ def _default_m(objective: str, n_latent: int | None) -> int:
 def local_loss(model, z_s: torch.Tensor, z_t: torch.Tensor, L: torch.Tensor, tau: torch.Tensor, *,
                latent_fn: Callable, objective: str = "energy", n_latent: int | None = None,
                score_features: Callable | None = None, beta: float = 1.0, crps_weight: float = 0.0,
-               tau_power: float = 1.0, generator: torch.Generator | None = None):
+               variogram_weight: float = 0.0, variogram_p: float = 0.5, tau_power: float = 1.0,
+               generator: torch.Generator | None = None):
     """Scoring-rule loss of ``model(z_s, L, ε_j, τ)`` (j = 1..m) against the target ``z_t``.
 
     ``z_s``, ``z_t`` (B, *S); ``L`` (B, N, *W) the coefficients of [s, s+τ]; ``tau`` (B,).
@@ -230,7 +293,7 @@ def local_loss(model, z_s: torch.Tensor, z_t: torch.Tensor, L: torch.Tensor, tau
     samples = _draw(model, z_s, L, tau, latent_fn, m, generator)
     sf = features(samples.reshape((-1,) + tuple(samples.shape[2:]))).reshape(m, z_s.shape[0], -1)
     tf = features(z_t)
-    per = score(sf, tf, objective, beta, crps_weight)
+    per = score(sf, tf, objective, beta, crps_weight, variogram_weight, variogram_p)
     w = tau.to(per).pow(-tau_power) if tau_power else torch.ones_like(per)
     loss = (w * per).mean()
     with torch.no_grad():
@@ -316,7 +379,8 @@ class DiscreteHalfSplit:
 def semigroup_loss(model, teacher, z_s: torch.Tensor, L: torch.Tensor, tau: torch.Tensor, *,
                    latent_fn: Callable, split_fn: Callable | None = None, objective: str = "energy",
                    n_latent: int | None = None, score_features: Callable | None = None, beta: float = 1.0,
-                   crps_weight: float = 0.0, tau_power: float = 1.0, generator: torch.Generator | None = None):
+                   crps_weight: float = 0.0, variogram_weight: float = 0.0, variogram_p: float = 0.5,
+                   tau_power: float = 1.0, generator: torch.Generator | None = None):
     """Self-distillation (semigroup) loss on jumps [s, s+τ] (DESIGN §3.2).
 
     ``L`` (B, N, *W): the coefficients of the whole jump (recorded/composed, or freshly drawn).
@@ -334,7 +398,8 @@ def semigroup_loss(model, teacher, z_s: torch.Tensor, L: torch.Tensor, tau: torc
         z_mid = teacher(z_s, l1, latent_fn(b, generator), t1)
         target = teacher(z_mid, l2, latent_fn(b, generator), t2)
     return local_loss(model, z_s, target, L, tau, latent_fn=latent_fn, objective=objective, n_latent=n_latent,
-                      score_features=score_features, beta=beta, crps_weight=crps_weight, tau_power=tau_power,
+                      score_features=score_features, beta=beta, crps_weight=crps_weight,
+                      variogram_weight=variogram_weight, variogram_p=variogram_p, tau_power=tau_power,
                       generator=generator)
 
 
@@ -354,10 +419,15 @@ def sample_coefficients_torch(tau: torch.Tensor, n_coefficients: int, w_shape, g
     return std * _randn((b, n_coefficients) + w_shape, generator, tau.dtype, tau.device)
 
 
+@functools.lru_cache(maxsize=256)
+def _equal_composition_matrices(k: int, n: int) -> np.ndarray:
+    return np.stack(_B.composition_matrices(np.ones(k), n))  # (k, N, N); cached: direct items reuse k
+
+
 def compose_consecutive(pieces: torch.Tensor) -> torch.Tensor:
     """Exact coefficients (B, N, *W) of the union of k equal consecutive pieces (B, k, N, *W)."""
     b, k, n = pieces.shape[:3]
-    a = torch.as_tensor(np.stack(_B.composition_matrices(np.ones(k), n)), dtype=pieces.dtype,
+    a = torch.as_tensor(_equal_composition_matrices(int(k), int(n)), dtype=pieces.dtype,
                         device=pieces.device)  # (k, N, N)
     flat = pieces.reshape(b, k, n, -1)
     return torch.einsum("pnm,bpmw->bnw", a, flat).reshape((b, n) + tuple(pieces.shape[3:]))
@@ -443,8 +513,21 @@ class SSFMConfig:
     """Settings of :func:`train_ssfm` (time units: those of the data).
 
     objective: "energy" or "mse".  n_latent: latent draws per item (m; None -> 2 for energy, 1 for
-    mse).  beta: energy-score exponent.  crps_weight: weight of the per-coordinate CRPS added to
-    the energy score.  fractions: share of each batch per loss (local, semigroup, direct;
+    mse).  beta: energy-score exponent (0 < β < 2; β < 1 weighs small discrepancies more).
+    crps_weight: weight of the per-coordinate CRPS added to the energy score.  variogram_weight,
+    variogram_p: weight and order of the variogram score added to it (:func:`variogram_score`).
+    Every energy-type combination is strictly proper (the joint energy score is; the CRPS and
+    variogram terms are proper).  Which features they see (raw or whitened coordinates) is the
+    caller's ``score_features`` (e.g. :func:`linear_features`), not a config field.
+
+    Sample-mode fidelity (issue #10, benchmarks/mixed_mode_toy.py, results in
+    benchmarks/results/mixed_mode_toy_cpu_small.json): on the mixed-mode toy the candidate chosen
+    by the table is the energy score plus the per-coordinate CRPS (crps_weight = 1) in whitened
+    coordinates (each coordinate scaled to unit thermal spread).  The defaults below stay the
+    plain energy score (crps_weight = 0) because whitening needs a caller-supplied feature map;
+    pass crps_weight=1.0 with whitened ``score_features`` to use the chosen objective.
+
+    fractions: share of each batch per loss (local, semigroup, direct;
     normalised).  h0: base interval (the data's frame interval).  tau_max: longest jump.
     tau_min: shortest semigroup/direct jump (None: 2·h0).
     curriculum_fraction: share of training over which the longest τ grows from tau_min to tau_max.
@@ -460,6 +543,8 @@ class SSFMConfig:
     n_latent: int | None = None
     beta: float = 1.0
     crps_weight: float = 0.0
+    variogram_weight: float = 0.0
+    variogram_p: float = 0.5
     fractions: dict = field(default_factory=lambda: {"local": 0.25, "semigroup": 0.75, "direct": 0.0})
     h0: float = 0.01
     tau_max: float = 0.5
@@ -614,6 +699,7 @@ def train_ssfm(model: nn.Module, data_sampler: Callable, config: SSFMConfig, *, 
     tau_min = 2.0 * config.h0 if config.tau_min is None else float(config.tau_min)
     kw = dict(latent_fn=latent_fn, objective=config.objective, n_latent=config.n_latent,
               score_features=score_features, beta=config.beta, crps_weight=config.crps_weight,
+              variogram_weight=config.variogram_weight, variogram_p=config.variogram_p,
               tau_power=config.tau_power, generator=g)
     history = []
     t0 = time.perf_counter()
@@ -699,7 +785,14 @@ class ToyFlowMap(nn.Module):
 
     with ẑ = (z - shift)/scale, ℓ^(n) = L^(n)·sqrt((2n+1)/τ) (standard normal under the Brownian
     law), D_θ an MLP whose last layer starts at zero.  τ → 0 gives the identity by construction
-    (base → z, (τ/τ_ref)^p → 0).  ``base``:
+    (base → z, (τ/τ_ref)^p → 0).
+
+    ``state_transform`` A (d, d): the network works in whitened coordinates, ẑ = ((z - shift) A)/scale,
+    and its correction is mapped back, Δz = (scale ⊙ (τ/τ_ref)^p · D_θ) A⁻¹ (e.g. normal modes
+    scaled to unit thermal spread: every mode, fast or slow, is an O(1) number to the network).
+    ``linear_skip``: D_θ = MLP + a linear map of the same inputs (zero-initialised), so the linear
+    (harmonic) part of the jump is represented exactly.  Both together made the mixed-mode toy's
+    free-running rollouts stable (benchmarks/mixed_mode_toy.py has the measurements).  ``base``:
 
     * ``"identity"``: z (the network learns everything else);
     * ``"noise"``: z + G L^(0) — the exact solution of the pure-noise part dz = G dW (any SDE);
@@ -715,7 +808,8 @@ class ToyFlowMap(nn.Module):
     def __init__(self, state_dim: int, noise_dim: int, n_coefficients: int, latent_dim: int, *,
                  hidden: int = 64, depth: int = 2, base: str = "identity", noise_scale=None,
                  noise_index=None, gamma: float | None = None, ou_residual: bool = False, state_scale=None,
-                 state_shift=None, tau_ref: float = 1.0, tau_power: float = 1.0):
+                 state_shift=None, state_transform=None, linear_skip: bool = False, tau_ref: float = 1.0,
+                 tau_power: float = 1.0):
         super().__init__()
         self.state_dim, self.noise_dim = int(state_dim), int(noise_dim)
         self.n_coefficients, self.latent_dim = int(n_coefficients), int(latent_dim)
@@ -727,6 +821,12 @@ class ToyFlowMap(nn.Module):
         shift = torch.zeros(d) if state_shift is None else torch.as_tensor(state_shift, dtype=torch.float32).reshape(d)
         self.register_buffer("state_scale", scale.clone())
         self.register_buffer("state_shift", shift.clone())
+        if state_transform is not None:
+            a = torch.as_tensor(state_transform, dtype=torch.float64).reshape(d, d)
+            self.register_buffer("state_transform", a.float())
+            self.register_buffer("state_transform_inv", torch.linalg.inv(a).float())
+        else:
+            self.state_transform = self.state_transform_inv = None
         self.register_buffer("ell_scale", torch.sqrt(2.0 * torch.arange(self.n_coefficients, dtype=torch.float32) + 1.0))
         if base in ("noise", "ou"):
             if noise_scale is None:
@@ -758,6 +858,11 @@ class ToyFlowMap(nn.Module):
         nn.init.zeros_(last.bias)
         layers.append(last)
         self.net = nn.Sequential(*layers)
+        self.linear = None
+        if linear_skip:
+            self.linear = nn.Linear(n_in, d)
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
 
     @classmethod
     def for_sde(cls, sde, n_coefficients: int, latent_dim: int | None = None, *, base: str = "auto", **kwargs):
@@ -800,11 +905,65 @@ class ToyFlowMap(nn.Module):
         rel = tau.clamp_min(1e-12) / self.tau_ref  # (B,) dimensionless
         ell = L[:, : self.n_coefficients].reshape(b, self.n_coefficients, -1)
         ell = ell * (self.ell_scale.to(z)[None, :, None] * torch.rsqrt(rel * self.tau_ref)[:, None, None])
-        zh = (z - self.state_shift) / self.state_scale
+        zh = z - self.state_shift
+        if self.state_transform is not None:
+            zh = zh @ self.state_transform
+        zh = zh / self.state_scale
         feats = torch.cat([zh, ell.reshape(b, -1), eps.reshape(b, -1), torch.log(rel)[:, None]], dim=1)
         corr = self.net(feats)
+        if self.linear is not None:
+            corr = corr + self.linear(feats)
         step = rel[:, None] if self.tau_power == 1.0 else rel.pow(self.tau_power)[:, None]
-        return self.base_map(z, L, eps, tau) + self.state_scale * step * corr
+        delta = self.state_scale * step * corr
+        if self.state_transform_inv is not None:
+            delta = delta @ self.state_transform_inv
+        return self.base_map(z, L, eps, tau) + delta
+
+
+class ComposedFlowMap(nn.Module):
+    """One jump of τ made of ``k`` jumps of τ/k of an inner map (architecture, not objective).
+
+    The coefficients L (B, N, *W) of [s, s+τ] are split into k equal pieces by exact Gaussian
+    conditioning (``brownian.split_matrices``: the pieces compose back to L exactly), and each piece
+    is one call of ``inner`` with its own latent.  Everything random comes from this map's latent
+    ε = (ε_1, …, ε_k, η) — k inner latents and the r·W standard normals of the split — so
+    ``model(z, L, eps, tau)`` stays a deterministic function (the losses, EMA teacher and
+    :func:`rollout` need nothing new).  Exact in law whenever the inner map is exact at τ/k; costs
+    k inner evaluations.  ``inner`` must have ``latent_dim`` (flat latents).
+    """
+
+    def __init__(self, inner: nn.Module, k: int, n_coefficients: int, w_shape):
+        super().__init__()
+        self.inner, self.k, self.n_coefficients = inner, int(k), int(n_coefficients)
+        self.w_shape = (int(w_shape),) if isinstance(w_shape, int) else tuple(w_shape)
+        mm, ff = _split_mats_cached_fractions(self.n_coefficients, self.k)
+        self.register_buffer("mean_map", torch.as_tensor(mm, dtype=torch.float32))  # (k, N, N)
+        self.register_buffer("noise_factor", torch.as_tensor(ff, dtype=torch.float32))  # (k, N, r), τ = 1
+        self.inner_latent = int(inner.latent_dim)
+        self.n_split = int(ff.shape[2]) * int(np.prod(self.w_shape))
+        self.latent_dim = self.k * self.inner_latent + self.n_split
+
+    def latent_fn(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        p = self.mean_map
+        return _randn((batch_size, self.latent_dim), generator, p.dtype, p.device)
+
+    def forward(self, z: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        b = z.shape[0]
+        tau = tau.to(z)
+        flat = L[:, : self.n_coefficients].reshape(b, self.n_coefficients, -1)
+        eta = eps[:, self.k * self.inner_latent:].reshape(b, self.noise_factor.shape[2], -1)
+        pieces = torch.einsum("pnm,bmw->pbnw", self.mean_map.to(z), flat)
+        pieces = pieces + tau.sqrt()[None, :, None, None] * torch.einsum("pnr,brw->pbnw", self.noise_factor.to(z), eta)
+        for p in range(self.k):
+            e = eps[:, p * self.inner_latent:(p + 1) * self.inner_latent]
+            z = self.inner(z, pieces[p].reshape(flat.shape[:1] + L[:, : self.n_coefficients].shape[1:]), e,
+                           tau / self.k)
+        return z
+
+
+@functools.lru_cache(maxsize=16)
+def _split_mats_cached_fractions(n: int, k: int):
+    return _B.split_matrices([1.0 / k] * k, n)
 
 
 def _ou_coefficients(model: ToyFlowMap, tau: torch.Tensor) -> dict:

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reference MD of alanine dipeptide, a short training run, sampling "
                                    "with the shipped pretrained flow map (free-running and pathwise) and "
                                    "their evaluation against the reference: everything under --out "
-                                   "(about 5 minutes on 2 CPU cores).")
+                                   "(about 2 minutes on 2 CPU cores).")
     p.add_argument("--out", default="molflow-quickstart", help="output folder (default molflow-quickstart)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--small", action="store_true", help="a tiny run (for tests)")
@@ -275,10 +275,9 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    import numpy as np
-
     from .errors import InputError
-    from .sampling import FlowMap, pathwise_inputs, start_states_from_run, start_states_from_system
+    from .sampling import (FlowMap, pathwise_attrs, pathwise_inputs, start_states_from_run,
+                           start_states_from_system)
     from .seeding import random_seed
 
     if args.pathwise and not args.from_run:
@@ -300,17 +299,12 @@ def _sample(args) -> int:
     brownian = None
     attrs = {}
     if args.pathwise:
-        with_file = pathwise_inputs(args.from_run, tau, n_coefficients=fm.n_coefficients, replicas=replicas)
-        x0, v0, brownian = with_file
+        x0, v0, brownian = pathwise_inputs(args.from_run, tau, n_coefficients=fm.n_coefficients, replicas=replicas)
         jumps = jumps or min(100, brownian.shape[1])
         if jumps > brownian.shape[1]:
             raise InputError(f"--pathwise: {args.from_run} holds {brownian.shape[1]} jumps of {tau:g} ps, not {jumps}")
         brownian = brownian[:, :jumps]
-        from .trajectory import Trajectory
-
-        with Trajectory(args.from_run) as t:
-            attrs = {"brownian_from": str(args.from_run), "brownian_from_seed": t.attrs.get("seed"),
-                     "start_from": f"frame 0 of every replica of {args.from_run}"}
+        attrs = pathwise_attrs(args.from_run)
     elif args.from_run:
         x0, v0 = start_states_from_run(args.from_run, replicas or 16)
         attrs = {"start_from": f"{args.from_run} (replicas and frames spread evenly, first 10% skipped)"}

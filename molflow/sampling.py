@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,9 +72,9 @@ def device_description(device: torch.device) -> str:
     """GPU name, or CPU model and core count, for the ``hardware`` attribute."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    from .md.engine import hardware_description
+    from .md.engine import cpu_description
 
-    return hardware_description("CPU").replace("OpenMM CPU platform", f"torch {torch.__version__} CPU")
+    return f"{cpu_description()} (torch {torch.__version__} CPU)"
 
 
 def build_model(system: MolecularSystem, config: MapConfig) -> MolecularFlowMap:
@@ -113,6 +113,16 @@ def start_states_from_system(system: MolecularSystem, replicas: int, seed: int |
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((int(replicas),) + x.shape) * np.sqrt(system.kT_kj_mol / system.masses_amu)[None, :, None]
     return np.repeat(x[None], int(replicas), 0), v
+
+
+def pathwise_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """File attributes of a run driven by ``path``'s recorded path (the evaluator matches the seed)."""
+    from .trajectory import Trajectory
+
+    with Trajectory(path) as t:
+        seed = t.attrs.get("seed")
+    return {"brownian_from": str(path), "brownian_from_seed": seed,
+            "start_from": f"frame 0 of every replica of {path}"}
 
 
 def pathwise_inputs(path: str | os.PathLike, tau_ps: float, n_jumps: int | None = None,
@@ -271,10 +281,9 @@ class FlowMap:
             if brownian.shape[:3] != (R, n_jumps, N) or brownian.shape[3:] != (A, 3):
                 raise InputError(f"brownian must have shape ({R}, {n_jumps}, {N}, {A}, 3), not {brownian.shape}")
         seed = random_seed() if seed is None else int(seed)
-        rollout = _Rollout(self, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries)
+        rollout = _Rollout(self, x0, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries)
         if out is None:
             xs, vs, Ls = [x0.astype(np.float32)], [v0.astype(np.float32)], []
-            rollout.restarts, rollout.stopped_at = np.zeros(R, np.int64), np.full(R, -1, np.int64)
             for k in range(n_jumps):
                 x0, v0, L = rollout.step(k, x0, v0)
                 xs.append(x0.astype(np.float32))
@@ -291,15 +300,24 @@ class FlowMap:
 
 
 class _Rollout:
-    """Jump k of every replica, with the guards; random numbers depend on (seed, k, replica, retry)."""
+    """Jump k of every replica, with the guards; random numbers depend on (seed, k, replica, retry).
 
-    def __init__(self, fm: FlowMap, tau_ps: float, n_steps: int, mode: str, seed: int,
+    ``x0`` (R, A, 3): the start states; their mean bond lengths are the guard's reference.
+    """
+
+    def __init__(self, fm: FlowMap, x0: np.ndarray, tau_ps: float, n_steps: int, mode: str, seed: int,
                  brownian: np.ndarray | None, batch_size: int, max_retries: int):
         self.fm, self.tau, self.n_steps, self.mode, self.seed = fm, float(tau_ps), n_steps, mode, seed
         self.brownian, self.batch_size, self.max_retries = brownian, int(batch_size), int(max_retries)
-        self.restarts: np.ndarray | None = None
-        self.stopped_at: np.ndarray | None = None  # jump (1-based) at which a replica stopped, -1 running
-        self.bond_ref: np.ndarray | None = None
+        R = len(x0)
+        self.restarts = np.zeros(R, dtype=np.int64)
+        self.stopped_at = np.full(R, -1, dtype=np.int64)  # jump (1-based) at which a replica stopped, -1 running
+        self.bonds = np.asarray(fm.system.bonds, dtype=int).reshape(-1, 2)
+        self.bond_ref = self._bond_lengths(x0).mean(0)
+
+    def _bond_lengths(self, x: np.ndarray) -> np.ndarray:
+        b = self.bonds
+        return np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1)
 
     def _coefficients(self, k: int, rng: np.random.Generator, R: int, replicas: np.ndarray) -> np.ndarray:
         fm = self.fm
@@ -323,12 +341,9 @@ class _Rollout:
     def _bad(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
         sys_ = self.fm.system
         finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(v).all(axis=(1, 2))
-        bad = ~finite
-        if len(sys_.bonds):
-            b = np.asarray(sys_.bonds)
-            with np.errstate(invalid="ignore"):
-                ratio = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1) / self.bond_ref
-                bad |= ~((ratio > BOND_RANGE[0]) & (ratio < BOND_RANGE[1])).all(1)
+        with np.errstate(invalid="ignore"):
+            ratio = self._bond_lengths(x) / self.bond_ref
+            bad = ~finite | ~((ratio > BOND_RANGE[0]) & (ratio < BOND_RANGE[1])).all(1)
         with np.errstate(invalid="ignore", over="ignore"):
             t_kin = kinetic_temperature(np.where(finite[:, None, None], v, 0.0), sys_.masses_amu)
         return bad | (t_kin > EXPLOSION_FACTOR * sys_.temperature_K)
@@ -336,13 +351,6 @@ class _Rollout:
     def step(self, k: int, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Jump ``k`` (0-based) of all replicas from (x, v) -> (x', v', coefficients used)."""
         R = len(x)
-        if self.restarts is None:
-            self.restarts = np.zeros(R, dtype=np.int64)
-        if self.stopped_at is None:
-            self.stopped_at = np.full(R, -1, dtype=np.int64)
-        if self.bond_ref is None:
-            b = np.asarray(self.fm.system.bonds).reshape(-1, 2)
-            self.bond_ref = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1).mean(0) if len(b) else None
         rng = np.random.default_rng([self.seed, k])
         gen = torch.Generator(device=self.fm.device).manual_seed(int(rng.integers(2**62)))
         L = self._coefficients(k, rng, R, np.arange(R))
@@ -406,8 +414,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
                 wall0 = float(a.get("wall_clock_s", 0.0))
                 rollout.restarts = np.asarray(a.get("restarts_per_replica", [0] * R), dtype=np.int64)
                 rollout.stopped_at = np.asarray(a.get("stopped_at_jump", [-1] * R), dtype=np.int64)
-                if a.get("bond_reference_nm") is not None:
-                    rollout.bond_ref = np.asarray(a["bond_reference_nm"], dtype=np.float64)
+                rollout.bond_ref = np.asarray(a["bond_reference_nm"], dtype=np.float64).reshape(-1)
         if done == 0:
             exists = False  # nothing complete: start again
     elif exists and not overwrite:
@@ -423,13 +430,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
                                          chunk_frames=chunk_jumps or 16, forces=False, energies=False)
         writer.append(np.array([0.0]), x0[:, None].astype(np.float32), v0[:, None].astype(np.float32),
                       np.zeros((R, 0, N, A, 3), np.float32))
-    rollout.restarts = rollout.restarts if rollout.restarts is not None else np.zeros(R, dtype=np.int64)
-    rollout.stopped_at = rollout.stopped_at if rollout.stopped_at is not None else np.full(R, -1, dtype=np.int64)
-    if rollout.bond_ref is None and len(sys_.bonds):
-        b = np.asarray(sys_.bonds)
-        rollout.bond_ref = np.linalg.norm(x0[:, b[:, 0]] - x0[:, b[:, 1]], axis=-1).mean(0)
-    if rollout.bond_ref is not None:
-        writer.set_attrs(bond_reference_nm=rollout.bond_ref.tolist())
+    writer.set_attrs(bond_reference_nm=rollout.bond_ref.tolist())
     chunk = max(1, int(chunk_jumps or max(1, min(64, 2**22 // max(1, R * A * 3 * 4)))))
     tau = meta["tau_ps"]
     bar = tqdm(total=n_jumps, initial=min(done, n_jumps), disable=not progress, desc="sample", unit="jump",

@@ -39,16 +39,20 @@ def _random_orthogonal(seed, reflect):
     return torch.as_tensor(q, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("reflect", [False, True])
-def test_e3_equivariance(model, ala2, reflect):
+def _assert_e3_equivariant(model, ala2, Q, shift):
+    """Rotating/reflecting and shifting inputs and latent together moves the outputs along (float64)."""
     x, v, L, eps, tau = _inputs(ala2)
-    Q = _random_orthogonal(3, reflect)
-    shift = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)
+    shift = torch.tensor(shift, dtype=torch.float64)
     xt, vt = model(x, v, L, eps, tau)
     xr, vr = model(x @ Q.T + shift, v @ Q.T, L @ Q.T, eps @ Q.T, tau)  # latent rotated along
     torch.testing.assert_close(xr, xt @ Q.T + shift, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(vr, vt @ Q.T, atol=1e-10, rtol=1e-10)
     assert (xt - x).abs().max() > 1e-3  # and the map is not trivial
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_e3_equivariance(model, ala2, reflect):
+    _assert_e3_equivariant(model, ala2, _random_orthogonal(3, reflect), [0.7, -1.3, 2.0])
 
 
 def test_permutation_of_identical_atoms(model, ala2):
@@ -124,14 +128,7 @@ def test_e3nn_backbone_e3_equivariance(e3nn_model, ala2, reflect):
     from molflow.models.e3nn_backbone import E3nnBackbone
 
     assert isinstance(e3nn_model.net, E3nnBackbone)
-    x, v, L, eps, tau = _inputs(ala2)
-    Q = _random_orthogonal(5, reflect)
-    shift = torch.tensor([-0.4, 1.1, 0.9], dtype=torch.float64)
-    xt, vt = e3nn_model(x, v, L, eps, tau)
-    xr, vr = e3nn_model(x @ Q.T + shift, v @ Q.T, L @ Q.T, eps @ Q.T, tau)  # latent rotated along
-    torch.testing.assert_close(xr, xt @ Q.T + shift, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(vr, vt @ Q.T, atol=1e-10, rtol=1e-10)
-    assert (xt - x).abs().max() > 1e-3  # and the map is not trivial
+    _assert_e3_equivariant(e3nn_model, ala2, _random_orthogonal(5, reflect), [-0.4, 1.1, 0.9])
 
 
 def test_e3nn_backbone_identity_at_tau_zero(e3nn_model, ala2):

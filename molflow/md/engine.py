@@ -607,6 +607,11 @@ def hardware_description(platform: str) -> str:
             return f"{name} (OpenMM {platform} platform)"
         except Exception:
             return platform
+    return f"{cpu_description()} (OpenMM {platform} platform)"
+
+
+def cpu_description() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC, 2 cores'."""
     cpu = _platform.processor() or _platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -615,7 +620,7 @@ def hardware_description(platform: str) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores (OpenMM {platform} platform)"
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def _platform_works(name: str) -> bool:

@@ -21,13 +21,13 @@ coefficients cannot resolve.
 map above; ``"identity"`` (the default, by measurement) is x_t = x, v_t = v, so the network carries
 everything and the path coefficients and latents enter only as its inputs. Bonded atoms are anything
 but free: at tau = 20-200 fs a hydrogen's free flight (v_th tau = 0.03-0.3 nm) is longer than the
-bond it sits on, and the network must learn to undo it. Measured on alanine dipeptide (600 optimiser
-steps, PaiNN F = 32, 2 layers, 4 x 40 ps at 20 fs, N = 3, one CPU thread; held-out one-jump, mean
-mode, 64 items): aligned heavy-atom RMSD 0.0077 / 0.0169 / 0.0219 / 0.0372 nm (identity) vs
-0.0077 / 0.0212 / 0.0315 / 0.0628 nm (ou) at tau = 0.02 / 0.06 / 0.1 / 0.2 ps, and the spread of
-bond lengths (std of length / start length; reference 0.024) 0.04 / 0.09 / 0.13 / 0.21 vs
-0.07 / 0.25 / 0.43 / 0.96; with the "ou" base the hydrogens' error was above that of not moving at
-all (0.112 vs 0.073 nm at 0.1 ps). Both are still far from the floor at this CPU size. Both bases
+bond it sits on, and the network must learn to undo it. Measured by
+``OMP_NUM_THREADS=1 python benchmarks/base_compare.py --out benchmarks/results/base_compare_cpu.json``
+(alanine dipeptide, 4 x 40 ps at 20 fs, N = 3, PaiNN F = 32, 2 layers, 600 optimiser steps; held-out
+one-jump, mean mode, 64 items): aligned heavy-atom RMSD 0.0077 / 0.0169 / 0.0219 / 0.0372 nm
+(identity) vs 0.0077 / 0.0212 / 0.0315 / 0.0628 nm (ou) at tau = 0.02 / 0.06 / 0.1 / 0.2 ps, and the
+spread of bond lengths (std of length / start length; reference 0.024) 0.04 / 0.09 / 0.13 / 0.21 vs
+0.07 / 0.25 / 0.43 / 0.96. Both are still far from the floor at this CPU size. Both bases
 are the identity at tau = 0 (the correction is scaled by tau).
 
 The network is an E(3)-equivariant backbone chosen by
@@ -182,23 +182,11 @@ class MolecularFlowMap(nn.Module):
                 tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One jump. x, v (B,A,3); L (B,N,A,3); eps (B,k,A,3); tau (B,) ps -> (x_t, v_t)."""
         dtype = x.dtype
-        o = free_langevin_conditional(tau, self.gamma, self.config.n_coefficients)
-        ou = {"c_xv": o["phi"], "c_vv": o["decay"], "a": o["cx"], "b": o["cv"], "r_xx": o["chol"][:, 0, 0],
-              "r_vx": o["chol"][:, 1, 0], "r_vv": o["chol"][:, 1, 1]}
-        ou = {k: val.to(dtype) for k, val in ou.items()}
-        sig = self.sigma[None, :, None]  # (1,A,1)
 
         def per_b(t):  # (B,) -> (B,1,1)
             return t[:, None, None]
 
-        proj_x = torch.einsum("bn,bnac->bac", ou["a"], L) if L.shape[1] else torch.zeros_like(x)
-        proj_v = torch.einsum("bn,bnac->bac", ou["b"], L) if L.shape[1] else torch.zeros_like(v)
-        e0, e1 = eps[:, 0], eps[:, 1]
-        if self.config.base == "ou":
-            x_base = x + per_b(ou["c_xv"]) * v + sig * (proj_x + per_b(ou["r_xx"]) * e0)
-            v_base = per_b(ou["c_vv"]) * v + sig * (proj_v + per_b(ou["r_vx"]) * e0 + per_b(ou["r_vv"]) * e1)
-        else:
-            x_base, v_base = x, v
+        x_base, v_base = (self._ou_base(x, v, L, eps, tau, per_b) if self.config.base == "ou" else (x, v))
 
         B, A = x.shape[:2]
         N = L.shape[1]
@@ -214,6 +202,21 @@ class MolecularFlowMap(nn.Module):
         x_t = x_base + per_b(tau_b) * vt * out[:, :, 0]
         v_t = v_base + per_b(-torch.expm1(-tau_b / TAU_V_PS)) * vt * out[:, :, 1]
         return x_t, v_t
+
+    def _ou_base(self, x, v, L, eps, tau, per_b):
+        """The exact free-particle (OU) jump given the coefficients, its remainder drawn from eps[:, :2]."""
+        dtype = x.dtype
+        o = free_langevin_conditional(tau, self.gamma, self.config.n_coefficients)
+        ou = {"c_xv": o["phi"], "c_vv": o["decay"], "a": o["cx"], "b": o["cv"], "r_xx": o["chol"][:, 0, 0],
+              "r_vx": o["chol"][:, 1, 0], "r_vv": o["chol"][:, 1, 1]}
+        ou = {k: val.to(dtype) for k, val in ou.items()}
+        sig = self.sigma[None, :, None]  # (1,A,1)
+        proj_x = torch.einsum("bn,bnac->bac", ou["a"], L) if L.shape[1] else torch.zeros_like(x)
+        proj_v = torch.einsum("bn,bnac->bac", ou["b"], L) if L.shape[1] else torch.zeros_like(v)
+        e0, e1 = eps[:, 0], eps[:, 1]
+        x_base = x + per_b(ou["c_xv"]) * v + sig * (proj_x + per_b(ou["r_xx"]) * e0)
+        v_base = per_b(ou["c_vv"]) * v + sig * (proj_v + per_b(ou["r_vx"]) * e0 + per_b(ou["r_vv"]) * e1)
+        return x_base, v_base
 
     def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Fresh latents (batch, k, A, 3)."""

@@ -30,7 +30,6 @@ PROBE_TAUS = (0.02, 0.05, 0.1)
 
 def main() -> int:
     import molflow
-    from molflow.evaluation.structure import kabsch_rmsd
     from molflow.md.engine import hardware_description
     from molflow.sampling import start_states_from_run
     from molflow.training.checkpoint import load_checkpoint, save_checkpoint
@@ -47,21 +46,18 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="molflow-pretrain-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data_20fs.h5"
-    t0 = time.perf_counter()
+    md_s = None  # wall seconds, None when reused
     if not data.exists():
+        t0 = time.perf_counter()
         molflow.simulate("alanine_dipeptide", data, overwrite=True, progress=True, **DATA).close()
-    md_s = time.perf_counter() - t0
+        md_s = time.perf_counter() - t0
     full = work / "model_full.pt"
-    t0 = time.perf_counter()
+    train_s = None  # wall seconds, None when reused
     if not (args.reuse and full.exists()):
+        t0 = time.perf_counter()
         molflow.train("alanine_dipeptide", data=[str(data)], out=full, steps=args.steps, device=args.device,
                       progress=True, **TRAIN)
-    train_s = time.perf_counter() - t0
-    if args.reuse:  # the wall time of the reused run, from its metrics log
-        import csv
-
-        rows = list(csv.DictReader(open(str(full) + ".metrics.csv")))
-        train_s = float(rows[-1].get("wall_s") or "nan") if rows and "wall_s" in rows[-1] else float("nan")
+        train_s = time.perf_counter() - t0
     ck = load_checkpoint(full)
     keep = ("model", "ema", "step", "h0_ps", "seed", "map_config_json", "train_config_json", "system_json",
             "normalisation_json", "history_json")

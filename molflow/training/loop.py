@@ -6,7 +6,9 @@ Each optimiser step mixes three SSFM losses (DESIGN.md section 3.2) on sub-batch
 ``local`` (one frame interval h0, target the recorded next frame), ``direct`` (k intervals, target
 the recorded frame k later, coefficients composed exactly) and ``semigroup`` (self-distillation:
 an EMA teacher's two half-jumps vs the student's one full jump, on split paths). Objective
-``energy`` (energy score with ``n_latent_samples`` >= 2, the default) or ``mse``. The longest jump
+``whitened_crps`` (the default: the energy score on Cartesian features and whitened internal
+coordinates plus per-coordinate CRPS, :mod:`molflow.training.objective`, chosen in issue #10),
+``energy`` (the energy score on Cartesian features alone, with ``n_latent_samples`` >= 2) or ``mse``. The longest jump
 grows by curriculum from h0 to ``tau_max_ps``. Checkpoints (atomic) every ``checkpoint_every``
 steps and at the end; ``resume=True`` continues bit-for-bit from the last one.
 """
@@ -36,6 +38,7 @@ from ..systems import MolecularSystem, load_system
 from ..units import kinetic_temperature
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import FrameData
+from .objective import OBJECTIVES, WhitenedInternalScore
 
 
 @dataclasses.dataclass
@@ -46,7 +49,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    objective: str = "energy"  # "energy" | "mse"
+    objective: str = "whitened_crps"  # "whitened_crps" | "energy" | "mse" (training/objective.py)
+    crps_weight: float = 1.0  # weight of the per-coordinate CRPS in "whitened_crps"
+    input_noise_nm: float = 0.003  # std of Gaussian noise on the start positions of recorded jumps (issue #10)
     n_latent_samples: int = 2  # m, latent draws per item for the energy score
     tau_max_ps: float = 1.0
     curriculum_fraction: float = 0.5  # share of steps over which the longest jump grows to tau_max
@@ -65,6 +70,8 @@ class TrainConfig:
         unknown = set(d) - names - {f.name for f in dataclasses.fields(MapConfig)}
         if unknown:
             raise InputError(f"unknown training setting(s) {sorted(unknown)}")
+        if "objective" in d and d["objective"] not in OBJECTIVES:
+            raise InputError(f"unknown objective {d['objective']!r}: choose one of {', '.join(OBJECTIVES)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -95,6 +102,11 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.k_tau_max = max(1, min(int(round(config.tau_max_ps / data.h0_ps)), data.max_jump()))
+        self.scorer = None
+        if config.objective == "whitened_crps":  # spreads from (at most 20000) training frames
+            x = data.x[data.train_traj, data.train_frames[0]:data.train_frames[1]].reshape(-1, *data.x.shape[2:])
+            x = x[np.linspace(0, len(x) - 1, min(len(x), 20000)).astype(int)]
+            self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight)
 
     def _lr_factor(self, step: int) -> float:  # linear warm-up then cosine decay
         warm = max(1, self.config.steps // 50)
@@ -114,18 +126,29 @@ class Trainer:
             return lo
         return int(round(math.exp(self.rng.uniform(math.log(lo), math.log(hi)))))
 
+    def _perturb(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training noise (learned simulators' trick): start positions jittered, targets kept, so the
+        map learns to pull a slightly-off state back instead of compounding the error over a rollout."""
+        s = self.config.input_noise_nm
+        if s > 0:
+            b = dict(b)
+            b["x0"] = b["x0"] + s * torch.randn(b["x0"].shape, generator=self.gen, device=self.device, dtype=b["x0"].dtype)
+        return b
+
     def _latent(self, B: int) -> torch.Tensor:
         return self.model.sample_latent(B, self.gen)
 
     def _jump_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Local/direct loss on recorded jumps: the target is the recorded end state."""
-        m = self.config.n_latent_samples if self.config.objective == "energy" else 1
+        m = self.config.n_latent_samples if self.config.objective != "mse" else 1
         B = b["x0"].shape[0]
         rep = lambda t: t.repeat(m, *([1] * (t.dim() - 1)))  # noqa: E731
         xt, vt = self.model(rep(b["x0"]), rep(b["v0"]), rep(b["L"]), self._latent(m * B), rep(b["tau"]))
         v_th = self.model.v_th
         pred = _features(xt, vt, rep(b["x0"]), rep(b["tau"]), v_th).view(m, B, -1)
         target = _features(b["x1"], b["v1"], b["x0"], b["tau"], v_th)
+        if self.scorer is not None:  # whitened internal coordinates + per-coordinate CRPS
+            return self.scorer(pred, target, xt.view(m, B, *xt.shape[1:]), b["x1"]).mean()
         # per-item scoring rule shared with the generic SSFM code; / sqrt(D) keeps it O(1) per DOF
         return score(pred, target, self.config.objective).mean() / math.sqrt(pred.shape[-1])
 
@@ -159,11 +182,11 @@ class Trainer:
         losses = {}
         total = 0.0
         local = d.batch(n_loc, 1, self.rng, device=self.device)
-        losses["local"] = self._jump_loss(local)
+        losses["local"] = self._jump_loss(self._perturb(local))
         total = total + c.fraction_local * losses["local"]
         if n_dir and kmax >= 2:
             k = self._draw_k(2, kmax)
-            losses["direct"] = self._jump_loss(d.batch(n_dir, k, self.rng, device=self.device))
+            losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device)))
             total = total + c.fraction_direct * losses["direct"]
         if n_sg and kmax >= 2:
             k = max(1, self._draw_k(2, kmax) // 2)
@@ -198,6 +221,7 @@ class Trainer:
         out = {}
         heavy = torch.as_tensor(self.system.heavy_atoms, device=self.device)
         masses = self.model.masses
+        bonds = torch.as_tensor(np.asarray(self.system.bonds, dtype=np.int64), device=self.device)
         taus = taus_ps or sorted({self.data.h0_ps, min(0.1, self.config.tau_max_ps), self.config.tau_max_ps})
         for tau in taus:
             k = max(1, min(int(round(tau / self.data.h0_ps)), self.data.max_jump()))
@@ -209,6 +233,9 @@ class Trainer:
                     rmsd(xt[:, heavy].cpu().numpy(), b["x1"][:, heavy].cpu().numpy()) ** 2)))
                 if mode == "sample":
                     out[f"val_kinetic_temperature_{key}_K"] = float(kinetic_temperature(vt, masses).mean())
+                    # spread of each bond length over the held-out items, sampled / recorded (mean over bonds)
+                    bl = lambda x: (x[:, bonds[:, 0]] - x[:, bonds[:, 1]]).norm(dim=-1).std(0)  # noqa: E731
+                    out[f"val_bond_std_ratio_{key}"] = float((bl(xt) / bl(b["x1"]).clamp_min(1e-9)).mean())
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -217,11 +217,6 @@ def simulate_dask(system: str | MolecularSystem, out: str | os.PathLike, *, repl
             seed = int(recorded["seed"])
         if copies_per_context is None and "copies_per_context" in recorded:
             copies_per_context = int(recorded["copies_per_context"])
-    elif existing:  # overwrite
-        out.unlink(missing_ok=True)
-        shutil.rmtree(sdir, ignore_errors=True)
-    if overwrite:
-        shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)  # a replaced local run's
     seed = random_seed() if seed is None else int(seed)
     if seed <= 0:
         raise InputError("seed must be a positive integer")
@@ -235,9 +230,15 @@ def simulate_dask(system: str | MolecularSystem, out: str | os.PathLike, *, repl
                                                processes=True, dashboard_address=None)
             client = distributed.Client(cluster)
     except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
-        where = f"the Dask scheduler at {scheduler}" if scheduler else "a local Dask cluster"
-        raise InputError(f"cannot reach {where}: {type(exc).__name__}: {exc}".strip()) from None
+        if scheduler:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {type(exc).__name__}: {exc}") from None
+        raise InputError(f"cannot start a local Dask cluster ({type(exc).__name__}: {exc}); from a Python script, "
+                         "keep its code under `if __name__ == \"__main__\":` (the workers re-import it)") from None
     try:
+        if overwrite and not recorded:  # replace the old run only once the cluster is there
+            out.unlink(missing_ok=True)
+            shutil.rmtree(sdir, ignore_errors=True)
+            shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)  # a replaced local run's
         return _run(distributed, client, mol, out, replicas, time_ps, frame_fs, n_coefficients, equilibrate_ps,
                     platform, seed, recorded, copies_per_context, chunk_frames, deterministic, cutoff_nm, progress,
                     scheduler, n_total, t_start)

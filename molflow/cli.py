@@ -58,10 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue an existing run from its last complete frame")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--copies-per-context", type=int, help="replicas per OpenMM Context (default: per platform)")
-    p.add_argument("--workers", type=int, help="CPU worker processes (default: one per core)")
+    p.add_argument("--workers", type=int, help="CPU worker processes (default: one per core; with --executor "
+                                               "dask and no --scheduler: the LocalCluster's workers)")
     p.add_argument("--deterministic", action="store_true", help="deterministic forces on CUDA")
-    p.add_argument("--executor", choices=["local", "dask"], default="local", help="where groups run (default local)")
-    p.add_argument("--scheduler", help="Dask scheduler address (with --executor dask)")
+    p.add_argument("--executor", choices=["local", "dask"], default="local",
+                   help="where groups of replicas run (default local); dask: one task and one HDF5 shard per "
+                        "group in OUT.shards/, OUT a virtual-dataset file over them (needs molflow[dask])")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler address, e.g. tcp://host:8786 (with "
+                                                          "--executor dask; default: a LocalCluster, one worker per core)")
     _add_system_overrides(p)
 
     p = sub.add_parser("floor", help="the irreducible error of a map fed N path coefficients",
@@ -198,10 +202,7 @@ def _simulate(args) -> int:
     from .errors import InputError
     from .md.engine import simulate
 
-    if args.executor == "dask":
-        raise InputError("--executor dask is not available in this version (it arrives with the "
-                         "scale-out issue #6); use --executor local")
-    if args.scheduler:
+    if args.scheduler and args.executor != "dask":
         raise InputError("--scheduler needs --executor dask")
     given = {"replicas": args.replicas, "time_ps": args.time_ps, "frame_fs": args.frame_fs,
              "n_coefficients": args.coefficients, "equilibrate_ps": args.equilibrate_ps}
@@ -218,10 +219,11 @@ def _simulate(args) -> int:
     traj = simulate(args.system, args.out, platform=args.platform, seed=args.seed, resume=args.resume,
                     overwrite=args.overwrite, copies_per_context=args.copies_per_context,
                     workers=args.workers, deterministic=args.deterministic, progress=not args.quiet,
-                    **settings, **_overrides(args))
+                    executor=args.executor, scheduler=args.scheduler, **settings, **_overrides(args))
     if not args.quiet:
         a = traj.attrs
-        print(f"wrote {traj.path}: {traj.n_replicas} replica(s) x {traj.n_frames} frames, "
+        shards = f" over {len(a['shards'])} shards in {traj.path}.shards/" if a.get("executor") == "dask" else ""
+        print(f"wrote {traj.path}: {traj.n_replicas} replica(s) x {traj.n_frames} frames{shards}, "
               f"seed {a['seed']}, {a['wall_clock_s']:.1f} s")
     traj.close()
     return 0

@@ -311,16 +311,25 @@ def _parse_pdb(pdb_text: str, origin) -> tuple[Any, np.ndarray]:
     return pdb.topology, positions
 
 
+_FORCEFIELDS: dict[tuple, Any] = {}
+
+
 def _load_forcefield(files: tuple[str, ...]):
+    """An OpenMM ForceField, parsed once per process (parsing amber99sbildn takes ~0.3 s, and a run
+    builds several systems; a shard of a Dask run builds them in every task). Keyed by the files'
+    modification times too, so an edited XML file is read again."""
     from openmm import app
 
     for f in files:
         if not str(f).endswith(".xml"):
             raise InputError(f"unsupported force-field file {f!r}: OpenMM XML force fields only")
-    try:
-        return app.ForceField(*files)
-    except Exception as exc:
-        raise InputError(f"cannot load force field {list(files)}: {exc}") from None
+    key = tuple((str(f), os.path.getmtime(f) if os.path.exists(f) else None) for f in files)
+    if key not in _FORCEFIELDS:
+        try:
+            _FORCEFIELDS[key] = app.ForceField(*files)
+        except Exception as exc:
+            raise InputError(f"cannot load force field {list(files)}: {exc}") from None
+    return _FORCEFIELDS[key]
 
 
 def _check_templates(forcefield, topology, origin) -> None:

@@ -34,7 +34,7 @@ def test_version(capsys):
     (["simulate", "no_such_molecule", "--out", "{tmp}/x.h5"], "no such system or PDB file"),
     (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--coefficients", "9"], "between 0 and 8"),
     (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--platform", "Quantum"], "not available"),
-    (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--executor", "dask"], "not available"),
+    (["simulate", "alanine_dipeptide", "--out", "{tmp}/x.h5", "--scheduler", "tcp://h:8786"], "needs --executor dask"),
     (["info", "{tmp}/missing.h5"], "no such trajectory file"),
     (["info", "{tmp}/not_hdf5.h5"], "not a readable HDF5 file"),
 ])

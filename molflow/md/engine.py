@@ -70,6 +70,7 @@ class RunSpec:
     seed: int
     equilibration_steps: int
     start_positions_nm: np.ndarray  # (A, 3) minimised structure
+    group_offset: int = 0  # index of this file's first group in the whole run (a Dask shard's place)
 
     def molecule(self) -> MolecularSystem:
         from ..systems import system_from_pdb_text
@@ -124,6 +125,9 @@ class Group:
         import openmm
 
         self.spec, self.index, self.n_copies = spec, index, n_copies
+        # seeds follow the group's index in the whole run, so a shard of a Dask run draws the same
+        # numbers as the same group of a local run
+        self.seed_index = spec.group_offset + index
         mol = molecule or spec.molecule()
         self.n_atoms = mol.n_atoms
         self.layout: CopyLayout = make_layout(n_copies, spec.start_positions_nm, spec.cutoff_nm)
@@ -131,7 +135,7 @@ class Group:
         system = multicopy_system(mol, n_copies, spec.cutoff_nm)
         self.integrator = recording_integrator(spec.temperature_K, spec.friction_per_ps, spec.timestep_fs,
                                                spec.steps_per_frame, spec.n_coefficients,
-                                               derive_seed(spec.seed, index))
+                                               derive_seed(spec.seed, self.seed_index))
         self.context = openmm.Context(system, self.integrator, _platform_obj(spec.platform),
                                       _platform_props(spec.platform, spec.threads, spec.deterministic))
         self.energies = energies or EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform)
@@ -151,13 +155,13 @@ class Group:
             self.layout.offsets_nm = np.round(centroid - self.layout.sites_nm)
             self.context.setPositions(self.layout.to_context_frame(how.positions_nm.astype(np.float64)))
             self.context.setVelocities(how.velocities.reshape(-1, 3).astype(np.float64))
-            self.integrator.setRandomNumberSeed(derive_seed(self.spec.seed, self.index, 1000 + how.restart))
+            self.integrator.setRandomNumberSeed(derive_seed(self.spec.seed, self.seed_index, 1000 + how.restart))
             self.integrator.setGlobalVariableByName("kstep", 0)
             return None
         # fresh: every copy starts from the minimised structure with its own velocities
         start = np.broadcast_to(self.spec.start_positions_nm, (self.n_copies, self.n_atoms, 3))
         self.context.setPositions(self.layout.to_context_frame(start))
-        self.context.setVelocitiesToTemperature(self.spec.temperature_K, derive_seed(self.spec.seed, self.index, 1))
+        self.context.setVelocitiesToTemperature(self.spec.temperature_K, derive_seed(self.spec.seed, self.seed_index, 1))
         remaining = self.spec.equilibration_steps
         while remaining > 0:  # equilibrate frame by frame so the margin guard sees it
             n = min(remaining, self.spec.steps_per_frame)
@@ -277,7 +281,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
              equilibrate_ps: float = 10.0, platform: str = "auto", seed: int | None = None,
              resume: bool = False, overwrite: bool = False, copies_per_context: int | None = None,
              workers: int | None = None, chunk_frames: int | None = None, deterministic: bool = False,
-             cutoff_nm: float | None = None, progress: bool = True, **overrides: Any) -> Trajectory:
+             cutoff_nm: float | None = None, progress: bool = True, executor: str = "local",
+             scheduler: str | None = None, group_offset: int = 0, **overrides: Any) -> Trajectory:
     """Simulate ``replicas`` independent Langevin trajectories and record their Brownian paths.
 
     Parameters
@@ -297,48 +302,45 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     chunk_frames: frames per written chunk (default: about 2 s of compute, at most 100 frames).
     deterministic: ask CUDA for deterministic forces.
     cutoff_nm: multi-copy nonbonded cutoff (default: from the molecule's size, >= 1.5 nm).
+    executor: ``local`` (this machine: worker processes or one GPU) or ``dask``: each group of
+        replicas is a Dask task writing its own shard ``<out>.shards/shard-XXXX.h5``, and ``out``
+        becomes an HDF5 file of virtual datasets over them (:mod:`molflow.md.distributed`).
+    scheduler: Dask scheduler address (``tcp://host:8786``) for ``executor="dask"``; without it a
+        LocalCluster of ``workers`` (default: one per core) single-threaded worker processes.
+    group_offset: index of the first group (seeds follow it); set by the Dask executor for shards.
     overrides: ``temperature_K``, ``friction_per_ps``, ``timestep_fs``, ``forcefield``.
 
     Returns the :class:`~molflow.trajectory.Trajectory` written.
     """
+    if executor not in ("local", "dask"):
+        raise InputError(f"executor must be 'local' or 'dask', got {executor!r}")
+    if executor == "dask":
+        from .distributed import simulate_dask
+
+        return simulate_dask(system, out, replicas=replicas, time_ps=time_ps, frame_fs=frame_fs,
+                             n_coefficients=n_coefficients, equilibrate_ps=equilibrate_ps, platform=platform,
+                             seed=seed, resume=resume, overwrite=overwrite, copies_per_context=copies_per_context,
+                             workers=workers, chunk_frames=chunk_frames, deterministic=deterministic,
+                             cutoff_nm=cutoff_nm, progress=progress, scheduler=scheduler, **overrides)
+    if scheduler:
+        raise InputError("a scheduler address needs executor='dask' (--executor dask)")
     t_start = time.perf_counter()
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError(f"output folder {out.parent} does not exist")
+    if resume and out.exists() and _executor_of(out) == "dask":
+        raise InputError(f"{out} is a sharded Dask run: resume it with --executor dask")
     if resume and copies_per_context is None and out.exists() and _complete_frames(out) > 0:
         copies_per_context = int(resume_settings(out)["copies_per_context"])  # keep the file's layout
     mol = system if isinstance(system, MolecularSystem) else load_system(system, **overrides)
     if isinstance(system, MolecularSystem) and overrides:
         raise InputError("pass overrides to load_system, not with a MolecularSystem")
     replicas, n_coefficients = int(replicas), int(n_coefficients)
-    if replicas < 1:
-        raise InputError("replicas must be >= 1")
-    if not 0 <= n_coefficients <= 8:
-        raise InputError("coefficients must be between 0 and 8")
-    if time_ps < 0 or equilibrate_ps < 0:
-        raise InputError("time and equilibration must be >= 0 ps")
-    if not frame_fs > 0:
-        raise InputError(f"the frame interval must be positive, got {frame_fs:g} fs")
-    steps_per_frame = _ratio(frame_fs, mol.timestep_fs, "frame interval", "timestep")
-    if n_coefficients > steps_per_frame:
-        warnings.warn(f"{n_coefficients} coefficients over {steps_per_frame} steps per frame: a path of "
-                      f"{steps_per_frame} steps has only {steps_per_frame} independent coefficients; the "
-                      "rest are zero or dependent (record more steps per frame)", stacklevel=2)
-    n_total_frames = _ratio(time_ps * 1000.0, frame_fs, "run time", "frame interval") + 1
-    platform_name = resolve_platform(platform)
+    steps_per_frame, n_total_frames = check_settings(mol, replicas, time_ps, frame_fs, n_coefficients,
+                                                     equilibrate_ps)
+    platform_name, cpc = plan_layout(mol, replicas, platform, resolve_platform(platform), copies_per_context,
+                                     workers or os.cpu_count() or 1)
     on_gpu = platform_name in GPU_PLATFORMS
-    n_cores = os.cpu_count() or 1
-    small_molecule = mol.n_atoms <= REFERENCE_MAX_ATOMS
-    if platform == "auto" and platform_name == "CPU" and small_molecule and copies_per_context in (None, 1):
-        platform_name = "Reference"  # measured faster for small molecules: see REFERENCE_MAX_ATOMS
-    if copies_per_context:
-        cpc = int(copies_per_context)
-    elif on_gpu:
-        cpc = min(replicas, 1024)
-    elif platform_name == "Reference":
-        cpc = 1  # Reference evaluates a multi-copy cutoff system slowly; one copy per Context
-    else:  # spread replicas over the cores first, then fill groups up to 8 copies
-        cpc = int(min(8, -(-replicas // min(replicas, workers or n_cores))))
     cutoff = float(cutoff_nm or default_cutoff_nm(mol.positions_nm))
     group_sizes = [min(cpc, replicas - s) for s in range(0, replicas, cpc)]
 
@@ -362,16 +364,10 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     if seed <= 0:
         raise InputError("seed must be a positive integer")
 
-    attrs = {
-        "molflow_version": __version__, "system": mol.name, "fingerprint": mol.fingerprint,
-        "pdb": mol.pdb_text, "forcefield": list(mol.forcefield_files),
-        "temperature_K": mol.temperature_K, "friction_per_ps": mol.friction_per_ps,
-        "timestep_fs": mol.timestep_fs, "frame_interval_fs": float(frame_fs),
-        "n_coefficients": n_coefficients, "n_replicas": replicas, "seed": seed,
-        "platform": platform_name, "copies_per_context": cpc, "equilibration_ps": float(equilibrate_ps),
-        "cutoff_nm": cutoff, "hardware": hardware_description(platform_name),
-        "time_ps_requested": float(time_ps), "kind": "reference_md",
-    }
+    attrs = run_attrs(mol, frame_fs, n_coefficients, replicas, seed, platform_name, cpc, equilibrate_ps, cutoff,
+                      hardware_description(platform_name), time_ps)
+    if group_offset:
+        attrs["group_offset"] = int(group_offset)
     if progress:
         print(f"molflow simulate: system={mol.name} replicas={replicas} seed={seed} platform={platform_name} "
               f"copies_per_context={cpc}", file=sys.stderr)
@@ -381,6 +377,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
             a = old.attrs
             diffs = [f"{k}: file has {a.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
                      if _differs(a.get(k), attrs[k])]
+            if int(a.get("group_offset", 0)) != int(group_offset):
+                diffs.append(f"group_offset: file has {a.get('group_offset', 0)}, asked {group_offset}")
             if diffs:
                 raise InputError(f"cannot resume {out}: settings differ ({'; '.join(diffs)})")
             n_done = old.n_frames
@@ -411,6 +409,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         if existing:
             out.unlink()
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if overwrite:
+            shutil.rmtree(out.with_name(out.name + ".shards"), ignore_errors=True)  # a replaced Dask run's shards
         n_done, wall_before, restarts = 0, 0.0, 0
         start_positions = minimise(mol)
         attrs["n_restarts"] = 0
@@ -424,7 +424,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
                    timestep_fs=mol.timestep_fs, steps_per_frame=steps_per_frame, n_coefficients=n_coefficients,
                    platform=platform_name, threads=1, deterministic=deterministic, cutoff_nm=cutoff, seed=seed,
                    equilibration_steps=int(round(equilibrate_ps * 1000.0 / mol.timestep_fs)),
-                   start_positions_nm=start_positions)
+                   start_positions_nm=start_positions, group_offset=int(group_offset))
     remaining = max(n_total_frames - max(n_done, 1), 0)
     if chunk_frames is None:  # ~2 s of compute per chunk (80 us per copy-step on one CPU core)
         per_frame_s = 8e-5 * steps_per_frame * cpc * (0.05 if on_gpu else 1.0)
@@ -436,6 +436,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
             print(f"molflow simulate: nothing to do, {out} already holds {n_done} frames "
                   f"({(n_done - 1) * frame_fs / 1000:g} ps)", file=sys.stderr)
         return Trajectory(out)
+    if resume and n_done:  # where each session took over: shows a killed run was continued, not redone
+        writer.set_attrs(resumed_at_frames=list(a.get("resumed_at_frames", [])) + [int(n_done)])
     dt_frame_ps = frame_fs / 1000.0
 
     n_workers = 1 if on_gpu else max(1, min(workers or (os.cpu_count() or 1), len(group_sizes)))
@@ -449,6 +451,61 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         writer.close()
     _prune_checkpoints(ckpt_dir, keep=None)
     return Trajectory(out)
+
+
+def check_settings(mol: MolecularSystem, replicas: int, time_ps: float, frame_fs: float, n_coefficients: int,
+                   equilibrate_ps: float) -> tuple[int, int]:
+    """Validate run settings; returns (steps per frame, total frames)."""
+    if replicas < 1:
+        raise InputError("replicas must be >= 1")
+    if not 0 <= n_coefficients <= 8:
+        raise InputError("coefficients must be between 0 and 8")
+    if time_ps < 0 or equilibrate_ps < 0:
+        raise InputError("time and equilibration must be >= 0 ps")
+    if not frame_fs > 0:
+        raise InputError(f"the frame interval must be positive, got {frame_fs:g} fs")
+    steps_per_frame = _ratio(frame_fs, mol.timestep_fs, "frame interval", "timestep")
+    if n_coefficients > steps_per_frame:
+        warnings.warn(f"{n_coefficients} coefficients over {steps_per_frame} steps per frame: a path of "
+                      f"{steps_per_frame} steps has only {steps_per_frame} independent coefficients; the "
+                      "rest are zero or dependent (record more steps per frame)", stacklevel=3)
+    return steps_per_frame, _ratio(time_ps * 1000.0, frame_fs, "run time", "frame interval") + 1
+
+
+def plan_layout(mol: MolecularSystem, replicas: int, platform: str, platform_name: str,
+                copies_per_context: int | None, n_cores: int) -> tuple[str, int]:
+    """(platform, copies per context) for ``replicas`` on ``n_cores`` CPU cores (or a GPU).
+
+    ``platform`` is what was asked (``auto`` ...), ``platform_name`` what it resolved to.
+    """
+    if platform == "auto" and platform_name == "CPU" and mol.n_atoms <= REFERENCE_MAX_ATOMS \
+            and copies_per_context in (None, 1):
+        platform_name = "Reference"  # measured faster for small molecules: see REFERENCE_MAX_ATOMS
+    if copies_per_context:
+        cpc = int(copies_per_context)
+    elif platform_name in GPU_PLATFORMS:
+        cpc = min(replicas, 1024)
+    elif platform_name == "Reference":
+        cpc = 1  # Reference evaluates a multi-copy cutoff system slowly; one copy per Context
+    else:  # spread replicas over the cores first, then fill groups up to 8 copies
+        cpc = int(min(8, -(-replicas // min(replicas, max(1, n_cores)))))
+    return platform_name, cpc
+
+
+def run_attrs(mol: MolecularSystem, frame_fs: float, n_coefficients: int, replicas: int, seed: int,
+              platform_name: str, cpc: int, equilibrate_ps: float, cutoff: float, hardware: str,
+              time_ps: float) -> dict[str, Any]:
+    """The settings attributes of a run file (DESIGN.md section 5)."""
+    return {
+        "molflow_version": __version__, "system": mol.name, "fingerprint": mol.fingerprint,
+        "pdb": mol.pdb_text, "forcefield": list(mol.forcefield_files),
+        "temperature_K": mol.temperature_K, "friction_per_ps": mol.friction_per_ps,
+        "timestep_fs": mol.timestep_fs, "frame_interval_fs": float(frame_fs),
+        "n_coefficients": n_coefficients, "n_replicas": replicas, "seed": seed,
+        "platform": platform_name, "copies_per_context": cpc, "equilibration_ps": float(equilibrate_ps),
+        "cutoff_nm": cutoff, "hardware": hardware,
+        "time_ps_requested": float(time_ps), "kind": "reference_md",
+    }
 
 
 def _run_workers(spec, assignment, chunks, n_workers):
@@ -684,6 +741,14 @@ def _complete_frames(path: Path) -> int:
             return t.n_frames
     except InputError:
         return 0
+
+
+def _executor_of(path: Path) -> str | None:
+    try:
+        with Trajectory(path) as t:
+            return t.attrs.get("executor")
+    except InputError:
+        return None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

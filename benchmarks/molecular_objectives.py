@@ -46,7 +46,9 @@ VARIANTS = {
     "energy": {"objective": "energy", "input_noise_nm": 0.0},
     "whitened_crps": {"objective": "whitened_crps", "input_noise_nm": 0.0},
     "energy_noise": {"objective": "energy", "input_noise_nm": 0.003},
-    "whitened_crps_noise": {"objective": "whitened_crps", "input_noise_nm": 0.003},  # molflow train's default
+    "whitened_crps_noise": {"objective": "whitened_crps", "input_noise_nm": 0.003},
+    "whitened_crps_noise6": {"objective": "whitened_crps", "input_noise_nm": 0.006},
+    "whitened_crps_noise10": {"objective": "whitened_crps", "input_noise_nm": 0.010},
 }
 SIZES = {
     "small": dict(steps=2000, n_features=32, n_layers=2, batch_size=16, replicas=32, rollout_ps=50.0),

@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     objective: str = "whitened_crps"  # "whitened_crps" | "energy" | "mse" (training/objective.py)
     crps_weight: float = 1.0  # weight of the per-coordinate CRPS in "whitened_crps"
-    input_noise_nm: float = 0.003  # std of Gaussian noise on the start positions of recorded jumps (issue #10)
+    input_noise_nm: float = 0.01  # std of Gaussian noise on the start positions of recorded jumps (issue #10)
     n_latent_samples: int = 2  # m, latent draws per item for the energy score
     tau_max_ps: float = 1.0
     curriculum_fraction: float = 0.5  # share of steps over which the longest jump grows to tau_max

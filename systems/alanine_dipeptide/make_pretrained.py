@@ -24,7 +24,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DATA = dict(replicas=8, time_ps=50.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=10.0, seed=20261123)
-TRAIN = dict(tau_max_ps=0.1, seed=7, config={"batch_size": 16, "objective": "whitened_crps", "input_noise_nm": 0.003}, n_features=32, n_layers=2, base="identity")
+TRAIN = dict(tau_max_ps=0.1, seed=7, config={"batch_size": 16, "objective": "whitened_crps", "input_noise_nm": 0.006}, n_features=32, n_layers=2, base="identity")
 PROBE_TAUS = (0.02, 0.05, 0.1)
 
 

@@ -120,8 +120,10 @@ def launch(fn: Callable[..., Any], nprocs: int, device_type: str, *args: Any) ->
 
     tmp = tempfile.mkdtemp(prefix="molflow-ddp-")
     try:
+        procs = mp.spawn(_entry, args=(fn, nprocs, device_type, tmp, args), nprocs=nprocs, join=False)
         try:
-            mp.spawn(_entry, args=(fn, nprocs, device_type, tmp, args), nprocs=nprocs, join=True)
+            while not procs.join():
+                pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             for r in range(nprocs):
                 err = os.path.join(tmp, f"error.{r}")
@@ -131,6 +133,13 @@ def launch(fn: Callable[..., Any], nprocs: int, device_type: str, *args: Any) ->
 
                     raise getattr(errors, kind, MolflowError)(message) from None
             raise RuntimeError(f"a training process failed:\n{exc}") from None
+        except BaseException:  # Ctrl-C, SIGTERM (the CLI turns it into KeyboardInterrupt): end the ranks too
+            for proc in procs.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs.processes:
+                proc.join(30)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

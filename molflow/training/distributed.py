@@ -12,9 +12,10 @@ random streams; the weights are also broadcast from rank 0), then :func:`distrib
   shard (about global/N items: the composed coefficients and the device copies are the per-item
   work). The union of the shards is exactly the batch a single process with the same seed draws,
   and the streams stay identical on every rank, so rank 0's checkpoint resumes every rank.
-- **The same latents.** Latents drawn with the trainer's generator while a shard is active (the
-  student's in the losses and the EMA teacher's two half-jumps) are drawn for the global batch
-  and sliced the same way, so each item sees the latents it would see in one process.
+- **The same random numbers.** Every draw from the trainer's generator while a shard is active
+  (the student's and the EMA teacher's latents, noise on start states) is drawn for the global
+  batch and sliced the same way (:class:`_ShardedDraws`), so each item sees the numbers it would
+  see in one process and the generator stays in step on every rank.
 - **Exact gradient weights.** DDP averages gradients over ranks; a rank holding l of the G items
   of a sub-batch scales its gradient for that sub-loss by N l / G (an identity on the model's
   outputs whose backward multiplies), so the all-reduced gradient is that of the single-process
@@ -212,6 +213,7 @@ class ShardedFrames:
     def __init__(self, data, rank: int, world: int):
         self._data, self.rank, self.world = data, rank, world
         self.current: tuple[int, int, int] | None = None  # (global size, start, stop)
+        self.draws: _ShardedDraws | None = None
         self.step_shards: list[tuple[int, int]] = []  # (local, global) sizes of this step's draws
 
     def __getattr__(self, name: str):
@@ -242,20 +244,43 @@ class ShardedFrames:
         return self.world * (stop - start) / size
 
 
-def _sharded_latent(original, shards: ShardedFrames, gen: torch.Generator, batch: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """``sample_latent`` that, for the trainer's generator while a shard is active, draws the
-    latents of the global batch (layout (m, G) as the losses repeat items m times) and keeps the
-    shard's columns."""
-    if shards.current is None or generator is not gen:
-        return original(batch, generator)
-    size, start, stop = shards.current
-    n = stop - start
-    if batch % n:
-        raise RuntimeError(f"latents for {batch} items do not fit a shard of {n} items")
-    m = batch // n
-    z = original(m * size, generator)
-    return z.view(m, size, *z.shape[1:])[:, start:stop].reshape(m * n, *z.shape[1:])
+class _ShardedDraws:
+    """While active, ``torch.randn``/``torch.rand`` with the trainer's generator during a shard draw
+    for the global batch and keep the shard's rows: a draw whose leading dimension is m x the shard's
+    n items (the losses repeat items m times, layout (m, n)) is drawn as m x G and sliced. This
+    covers every draw of the step (the student's and the EMA teacher's latents, noise on start
+    states) without the trainer knowing, and keeps the generator in step on every rank. Other
+    generators, and draws outside a shard (validation), pass through. Only the ranks of a DDP run
+    enter it (the functions are restored on exit)."""
+
+    NAMES = ("randn", "rand")
+
+    def __init__(self, shards: "ShardedFrames", gen: torch.Generator):
+        self.shards, self.gen, self.saved = shards, gen, {}
+
+    def __enter__(self) -> "_ShardedDraws":
+        for name in self.NAMES:
+            self.saved[name] = getattr(torch, name)
+            setattr(torch, name, partial(self._draw, self.saved[name]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.saved.items():
+            setattr(torch, name, fn)
+        self.saved = {}
+
+    def _draw(self, fn, *size, generator=None, **kwargs):
+        if generator is not self.gen or self.shards.current is None:
+            return fn(*size, generator=generator, **kwargs)
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        total, start, stop = self.shards.current
+        n = stop - start
+        if not shape or shape[0] % n:
+            raise RuntimeError(f"a random draw of shape {tuple(shape)} from the trainer's generator does not "
+                               f"fit a shard of {n} items: molflow.training.distributed must learn its layout")
+        m = shape[0] // n
+        z = fn((m * total, *shape[1:]), generator=generator, **kwargs)
+        return z.view(m, total, *shape[1:])[:, start:stop].reshape(shape)
 
 
 def distribute(trainer, ctx: Context) -> ShardedFrames:
@@ -266,10 +291,7 @@ def distribute(trainer, ctx: Context) -> ShardedFrames:
             dist.broadcast(tensor.data, src=0)
     shards = ShardedFrames(trainer.data, ctx.rank, ctx.world)
     trainer.data = shards
-    for module in (raw, trainer.ema):
-        # an instance attribute shadows the method; both share trainer.gen, as in one process
-        module.sample_latent = partial(_sharded_latent, type(module).sample_latent.__get__(module), shards,
-                                       trainer.gen)
+    shards.draws = _ShardedDraws(shards, trainer.gen).__enter__()
     kw = dict(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     kw["forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"] = False
     trainer.model = _DDP(raw, shards, **kw)  # buffers (masses, v_th, ...) are constants
@@ -287,9 +309,8 @@ def undistribute(trainer) -> None:
     if isinstance(trainer.model, _DDP):
         trainer.model = trainer.model.module
     if isinstance(trainer.data, ShardedFrames):
+        trainer.data.draws.__exit__(None, None, None)
         trainer.data = trainer.data._data
-    for module in (trainer.model, trainer.ema):
-        module.__dict__.pop("sample_latent", None)
 
 
 def reduce_row(row: dict[str, float], shards: ShardedFrames, config, device: torch.device) -> dict[str, float]:

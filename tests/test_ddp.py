@@ -67,12 +67,13 @@ def test_two_processes_follow_one_and_resume(data, tmp_path, monkeypatch):
 
     The shards' union is exactly the single process's batch (same items, same latents, gradients
     weighted per item), so the runs differ only by float32 rounding: per-item forward passes in
-    other batch shapes and a gradient sum in another order. Measured: losses agree to 6e-8
-    (relative) at step 1, the gap growing through this hot, clipped optimisation to <= 7e-6 by
-    step 8; final weights (model and EMA) to 6e-8 absolute (one ulp at O(1)). We allow 1e-4 and
-    1e-6: over 10x the rounding, and far below what a real mismatch gives (measured by breaking
-    it on purpose: per-rank latents differ by 7e-2 at step 1, an unweighted gradient average
-    over the unequal local shards 3 + 2 by 3e-3 from step 2)."""
+    other batch shapes and a gradient sum in another order. Measured (energy objective, and
+    issue #10's whitened_crps with start-state noise): losses agree to ~5e-8 (relative) at step 1,
+    the gap growing through this hot, clipped optimisation to <= 7.3e-6 by step 8; final weights
+    (model and EMA) to <= 2.7e-7 absolute. We allow 1e-4 and 1e-5: over 10x the rounding, and far
+    below what a real mismatch gives (measured by breaking it on purpose: per-rank latents differ
+    by 7e-2 at step 1, an unweighted gradient average over the unequal local shards 3 + 2 by 3e-3
+    from step 2; a mismatched gradient moves AdamW's normalised updates by O(lr) = 1e-3 a step)."""
     torch.set_num_threads(1)
     one = molflow.train("alanine_dipeptide", [data], tmp_path / "one.pt", steps=8, **KW)
 
@@ -92,7 +93,7 @@ def test_two_processes_follow_one_and_resume(data, tmp_path, monkeypatch):
     assert ck2["step"] == 8 and ck2["seed"] == 11
     for key in ("model", "ema"):
         for name, w in ck1[key].items():
-            torch.testing.assert_close(ck2[key][name], w, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ck2[key][name], w, rtol=0, atol=1e-5)
     # the same random streams continue after the run (a later resume on 1 or N processes agrees)
     assert json.loads(ck2["numpy_rng_json"]) == json.loads(ck1["numpy_rng_json"])
     torch.testing.assert_close(ck2["torch_rng"], ck1["torch_rng"], rtol=0, atol=0)

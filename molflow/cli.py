@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coefficients", type=int, help="path coefficients N used (default: all in the data)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="data-parallel processes (DDP): one per GPU on CUDA, N gloo processes on CPU; the "
+                        "global batch is unchanged (default 1; under torchrun its processes are used)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, ...)")
@@ -270,8 +274,8 @@ def _train(args) -> int:
             raise InputError(f"--config {args.config} must be a mapping of settings")
     out = train(args.system, data=args.data, out=args.out, tau_max_ps=args.tau_max_ps,
                 n_coefficients=args.coefficients, steps=args.steps, device=args.device, seed=args.seed,
-                resume=args.resume, config=config, progress=not args.quiet)
-    if not args.quiet:
+                resume=args.resume, config=config, progress=not args.quiet, devices=args.devices)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(f"wrote {out} (metrics: {out}.metrics.csv)")
     return 0
 

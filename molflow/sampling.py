@@ -440,15 +440,16 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
     t_start = time.perf_counter()
 
     def flush() -> None:
-        if not buf["t"]:
-            return
-        writer.append(np.array(buf["t"]), np.stack(buf["x"], 1).astype(np.float32),
-                      np.stack(buf["v"], 1).astype(np.float32), np.stack(buf["L"], 1),
-                      wall_clock_s=wall0 + time.perf_counter() - t_start,
-                      n_restarts=int(rollout.restarts.sum()), n_stopped=int((rollout.stopped_at >= 0).sum()))
-        writer.set_attrs(restarts_per_replica=rollout.restarts.tolist(), stopped_at_jump=rollout.stopped_at.tolist())
-        for key in buf:
-            buf[key].clear()
+        counts = dict(n_restarts=int(rollout.restarts.sum()), n_stopped=int((rollout.stopped_at >= 0).sum()))
+        if buf["t"]:
+            writer.append(np.array(buf["t"]), np.stack(buf["x"], 1).astype(np.float32),
+                          np.stack(buf["v"], 1).astype(np.float32), np.stack(buf["L"], 1),
+                          wall_clock_s=wall0 + time.perf_counter() - t_start, **counts)
+            for key in buf:
+                buf[key].clear()
+        # also with no frame pending: a run that ends with every replica stopped records its last restarts
+        writer.set_attrs(**counts, restarts_per_replica=rollout.restarts.tolist(),
+                         stopped_at_jump=rollout.stopped_at.tolist())
 
     try:
         for k in range(done, n_jumps):

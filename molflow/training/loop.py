@@ -270,13 +270,51 @@ class Trainer:
 def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | os.PathLike,
           tau_max_ps: float = 1.0, n_coefficients: int | None = 3, steps: int | None = None,
           device: str = "auto", seed: int | None = None, resume: bool = False,
-          config: TrainConfig | dict | None = None, progress: bool = True, **map_settings: Any) -> Path:
-    """Train a flow map on reference runs; writes the checkpoint ``out`` and ``out``.metrics.csv."""
-    from tqdm.auto import tqdm
+          config: TrainConfig | dict | None = None, progress: bool = True, devices: int = 1,
+          **map_settings: Any) -> Path:
+    """Train a flow map on reference runs; writes the checkpoint ``out`` and ``out``.metrics.csv.
 
+    ``devices`` > 1: data-parallel training in that many processes (DDP, one per GPU on CUDA, gloo
+    processes on CPU; :mod:`molflow.training.distributed`) with the same global batch. Launched by
+    torchrun (``RANK``/``WORLD_SIZE`` set), the launcher's processes are the ranks.
+    """
     from ..sampling import resolve_device
+    from . import distributed
 
     out = Path(out)
+    n = 1 if devices is None else int(devices)
+    dev = resolve_device(device)
+    launched = distributed.torchrun_world()
+    args = dict(system=system, data=data, out=out, tau_max_ps=tau_max_ps, n_coefficients=n_coefficients,
+                steps=steps, seed=seed, resume=resume, config=config, progress=progress, map_settings=map_settings)
+    if launched is not None:
+        rank, world, local = launched
+        if n not in (1, world):
+            raise InputError(f"--devices {n} but the launcher started {world} processes (WORLD_SIZE)")
+        distributed.check_devices(dev, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        return _train(distributed.init(rank, world, local, dev.type), device=dev, **args)
+    distributed.check_devices(dev, n)
+    if n == 1:
+        return _train(None, device=dev, **args)
+    if seed is None:  # one seed for every rank (a resumed run takes the checkpoint's)
+        args["seed"] = random_seed()
+    distributed.launch(_train_rank, n, dev.type, args)
+    return out
+
+
+def _train_rank(ctx, args: dict[str, Any]) -> None:
+    """One rank of a spawned data-parallel run (module level: it is pickled by reference)."""
+    _train(ctx, device=ctx.device, **args)
+
+
+def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, device: torch.device, seed,
+           resume: bool, config, progress: bool, map_settings: dict[str, Any]) -> Path:
+    """The training run of one process; ``ctx`` (a distributed.Context) or None for a single one."""
+    from tqdm.auto import tqdm
+
+    from . import distributed
+
+    main = ctx is None or ctx.is_main
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config or {}))
     map_cfg = MapConfig(**{k: v for k, v in {**(config if isinstance(config, dict) else {}), **map_settings}.items()
@@ -288,7 +326,7 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
         raise InputError(f"training data were made for {frames.system.name!r} with other settings "
                          f"(fingerprint {frames.system.fingerprint} vs {mol.fingerprint})")
     map_cfg = dataclasses.replace(map_cfg, n_coefficients=frames.n_coefficients)
-    dev = resolve_device(device)
+    dev = device
     if resume and out.exists():
         ck = load_checkpoint(out, map_location=dev)
         if ck["system_json"]["fingerprint"] != mol.fingerprint:
@@ -299,30 +337,42 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
         trainer.load_state(ck)
     else:  # a fresh run replaces an existing --out (pass resume=True to continue it)
         seed = random_seed() if seed is None else int(seed)
+        if ctx is not None:  # under torchrun each rank may have drawn its own: rank 0's wins
+            seed = ctx.broadcast_object(seed)
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
-    if progress:
+    shards = distributed.distribute(trainer, ctx) if ctx is not None else None
+    if progress and main:
         n_par = sum(p.numel() for p in trainer.model.parameters())
-        print(f"molflow train: system={mol.name} seed={trainer.seed} device={dev} params={n_par} "
+        ranks = f" processes={ctx.world}" if ctx is not None else ""
+        print(f"molflow train: system={mol.name} seed={trainer.seed} device={dev}{ranks} params={n_par} "
               f"h0={frames.h0_ps * 1000:g} fs tau_max={cfg.tau_max_ps} ps N={frames.n_coefficients}", file=sys.stderr)
     log_path = out.with_name(out.name + ".metrics.csv")
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", file=sys.stderr,
-               dynamic_ncols=True)
-    t0 = time.perf_counter()
-    while trainer.step < cfg.steps:
-        row = trainer.train_step()
-        row["step"] = trainer.step
-        if trainer.step % cfg.validate_every == 0 or trainer.step == cfg.steps:
-            row.update(trainer.validate())
-        row["items_per_s"] = trainer.step * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-        trainer.history.append(row)
-        bar.update(1)
-        bar.set_postfix_str(f"loss {row['loss']:.3f} tau<={row['tau_max_ps']:.2f}ps")
-        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (progress and main), desc="train",
+               file=sys.stderr, dynamic_ncols=True)
+    t0, step0 = time.perf_counter(), trainer.step
+    try:
+        while trainer.step < cfg.steps:
+            row = trainer.train_step()
+            if shards is not None:  # the global batch's losses (collective)
+                row = distributed.reduce_row(row, shards, cfg, ctx.device)
+            row["step"] = trainer.step
+            if main and (trainer.step % cfg.validate_every == 0 or trainer.step == cfg.steps):
+                row.update(trainer.validate())
+            row["items_per_s"] = (trainer.step - step0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+            trainer.history.append(row)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {row['loss']:.3f} tau<={row['tau_max_ps']:.2f}ps")
+            if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
+                save_checkpoint(out, trainer.state())
+                _write_log(log_path, trainer.history)
+        bar.close()
+        if main and trainer.step == cfg.steps and not out.exists():
             save_checkpoint(out, trainer.state())
-            _write_log(log_path, trainer.history)
-    bar.close()
-    if trainer.step == cfg.steps and not out.exists():
-        save_checkpoint(out, trainer.state())
+        if ctx is not None:
+            ctx.barrier()  # every rank returns once the checkpoint is on disk
+    finally:
+        if ctx is not None:
+            distributed.undistribute(trainer)
     return out
 
 

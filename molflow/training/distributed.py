@@ -36,7 +36,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -245,41 +244,35 @@ class ShardedFrames:
 
 
 class _ShardedDraws:
-    """While active, ``torch.randn``/``torch.rand`` with the trainer's generator during a shard draw
-    for the global batch and keep the shard's rows: a draw whose leading dimension is m x the shard's
-    n items (the losses repeat items m times, layout (m, n)) is drawn as m x G and sliced. This
-    covers every draw of the step (the student's and the EMA teacher's latents, noise on start
-    states) without the trainer knowing, and keeps the generator in step on every rank. Other
-    generators, and draws outside a shard (validation), pass through. Only the ranks of a DDP run
-    enter it (the functions are restored on exit)."""
+    """While active, the trainer's ``randn`` (the one seam every random draw of a training step goes
+    through: the student's and the EMA teacher's latents, noise on start states) draws for the global
+    batch and keeps the shard's rows: a draw whose leading dimension is m x the shard's n items (the
+    losses repeat items m times, layout (m, n)) is drawn as m x G and sliced, so the generator stays
+    in step on every rank. Draws outside a shard (validation) pass through."""
 
-    NAMES = ("randn", "rand")
-
-    def __init__(self, shards: "ShardedFrames", gen: torch.Generator):
-        self.shards, self.gen, self.saved = shards, gen, {}
+    def __init__(self, shards: "ShardedFrames", trainer):
+        self.shards, self.trainer, self.saved = shards, trainer, None
 
     def __enter__(self) -> "_ShardedDraws":
-        for name in self.NAMES:
-            self.saved[name] = getattr(torch, name)
-            setattr(torch, name, partial(self._draw, self.saved[name]))
+        self.saved = self.trainer.randn
+        self.trainer.randn = self._draw
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self.saved.items():
-            setattr(torch, name, fn)
-        self.saved = {}
+        if self.saved is not None:
+            del self.trainer.randn  # the class's method again
+            self.saved = None
 
-    def _draw(self, fn, *size, generator=None, **kwargs):
-        if generator is not self.gen or self.shards.current is None:
-            return fn(*size, generator=generator, **kwargs)
-        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+    def _draw(self, *shape: int) -> torch.Tensor:
+        if self.shards.current is None:
+            return self.saved(*shape)
         total, start, stop = self.shards.current
         n = stop - start
         if not shape or shape[0] % n:
-            raise RuntimeError(f"a random draw of shape {tuple(shape)} from the trainer's generator does not "
-                               f"fit a shard of {n} items: molflow.training.distributed must learn its layout")
+            raise RuntimeError(f"a random draw of shape {tuple(shape)} from the trainer does not fit a shard of "
+                               f"{n} items: molflow.training.distributed must learn its layout")
         m = shape[0] // n
-        z = fn((m * total, *shape[1:]), generator=generator, **kwargs)
+        z = self.saved(m * total, *shape[1:])
         return z.view(m, total, *shape[1:])[:, start:stop].reshape(shape)
 
 
@@ -291,7 +284,7 @@ def distribute(trainer, ctx: Context) -> ShardedFrames:
             dist.broadcast(tensor.data, src=0)
     shards = ShardedFrames(trainer.data, ctx.rank, ctx.world)
     trainer.data = shards
-    shards.draws = _ShardedDraws(shards, trainer.gen).__enter__()
+    shards.draws = _ShardedDraws(shards, trainer).__enter__()
     kw = dict(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     kw["forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"] = False
     trainer.model = _DDP(raw, shards, **kw)  # buffers (masses, v_th, ...) are constants

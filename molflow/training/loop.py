@@ -132,11 +132,17 @@ class Trainer:
         s = self.config.input_noise_nm
         if s > 0:
             b = dict(b)
-            b["x0"] = b["x0"] + s * torch.randn(b["x0"].shape, generator=self.gen, device=self.device, dtype=b["x0"].dtype)
+            b["x0"] = b["x0"] + s * self.randn(*b["x0"].shape).to(b["x0"].dtype)
         return b
 
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Every random normal draw of a training step (latents of student and teacher, training
+        noise) comes from here, on the trainer's generator: the DDP wrapper shards this one seam."""
+        return torch.randn(shape, generator=self.gen, device=self.device)
+
     def _latent(self, B: int) -> torch.Tensor:
-        return self.model.sample_latent(B, self.gen)
+        """Fresh latents (B, k, A, 3), as the model's own ``sample_latent`` draws them."""
+        return self.randn(B, self.map_config.n_latent, self.system.n_atoms, 3)
 
     def _jump_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Local/direct loss on recorded jumps: the target is the recorded end state."""
@@ -162,8 +168,8 @@ class Trainer:
         L1, L2 = b["L_halves"]
         B = b["x0"].shape[0]
         with torch.no_grad():
-            xm, vm = self.ema(b["x0"], b["v0"], L1, self.ema.sample_latent(B, self.gen), b["tau"] / 2)
-            xT, vT = self.ema(xm, vm, L2, self.ema.sample_latent(B, self.gen), b["tau"] / 2)
+            xm, vm = self.ema(b["x0"], b["v0"], L1, self._latent(B), b["tau"] / 2)
+            xT, vT = self.ema(xm, vm, L2, self._latent(B), b["tau"] / 2)
         A2 = torch.as_tensor(_composition(2, N), dtype=L1.dtype, device=L1.device)
         L = torch.einsum("nm,bmac->bnac", A2[0], L1) + torch.einsum("nm,bmac->bnac", A2[1], L2)
         teacher = {"x0": b["x0"], "v0": b["v0"], "x1": xT, "v1": vT, "L": L, "tau": b["tau"]}

@@ -8,7 +8,7 @@
    states, and pathwise, driven by the reference's own recorded path;
 4. ``molflow.evaluate`` of both against the reference, and a summary report.
 
-Everything is written under the output folder; 2 min 10 s on 2 CPU cores (measured, AMD EPYC;
+Everything is written under the output folder; 1 min 49 s on 2 CPU cores (measured, AMD EPYC;
 ``--small``: 24 s).
 """
 from __future__ import annotations

@@ -123,6 +123,21 @@ def invertibility_check(fn: Callable, z: torch.Tensor, x: torch.Tensor, jac: tor
     return {"ok": ok, "distance": dist, "residual": res, "smallest_singular": smin}
 
 
+def boltzmann_log_weights(energy_over_kT, log_det, log_base, *keep_masks) -> tuple[np.ndarray, np.ndarray]:
+    """log w = -U/kT + log|det J| - log ρ0 per sample, and the keep mask.
+
+    A sample is kept where every mask in ``keep_masks`` holds (e.g. chirality ok, invertible) and its
+    log-weight is finite (a NaN energy is not); log w is -inf where it is not kept. Returns
+    ``(log_w, keep)`` (float64, bool).
+    """
+    lw = -np.asarray(energy_over_kT, dtype=np.float64) + np.asarray(log_det, dtype=np.float64) \
+        - np.asarray(log_base, dtype=np.float64)
+    keep = np.isfinite(lw)
+    for m in keep_masks:
+        keep &= np.asarray(m, dtype=bool)
+    return np.where(keep, lw, -np.inf), keep
+
+
 def self_normalise(log_w: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
     """Weights summing to 1 from log-weights; zero where ``keep`` is False or log w is not finite
     (NaN included). All zeros when nothing is left."""

@@ -51,8 +51,8 @@ from ..systems import MolecularSystem, system_from_pdb_text
 from ..training.checkpoint import load_checkpoint
 from .geometry import ChiralityChecker, centre, centre_free_basis
 from .model import BoltzmannConfig, BoltzmannMap
-from .reweight import (gaussian_log_density, invertibility_check, jacobian_and_value, kish_ess, logabsdet,
-                       self_normalise)
+from .reweight import (boltzmann_log_weights, gaussian_log_density, invertibility_check, jacobian_and_value,
+                       kish_ess, logabsdet, self_normalise)
 from .training import FORMAT, build_map
 
 FILE_FORMAT = "molflow-boltzmann-samples"
@@ -197,7 +197,7 @@ class BoltzmannSampler:
         A = self.system.n_atoms
         d = 3 * (A - 1)
         kT = self.system.kT_kj_mol
-        model64 = copy.deepcopy(self.model).double() if reweight else None
+        model64 = copy.deepcopy(self.model).double().requires_grad_(False) if reweight else None
         fn = self._map_fn(model64, K) if reweight else None
         cols: dict[str, list[np.ndarray]] = {k: [] for k in (
             "positions", "log_det_jacobian", "log_base_density", "invertible", "inverse_distance",
@@ -267,9 +267,8 @@ class BoltzmannSampler:
                         "smallest_singular_value"):
                 res[key] = np.concatenate(cols[key])
             inv = res["invertible"].astype(bool)
-            log_w = -U / kT + res["log_det_jacobian"] - res["log_base_density"]
-            keep = chir_ok & inv & np.isfinite(log_w)
-            log_w = np.where(keep, log_w, -np.inf)
+            log_w, keep = boltzmann_log_weights(U / kT, res["log_det_jacobian"], res["log_base_density"],
+                                                chir_ok, inv)
             w = self_normalise(log_w, keep)
             ess = kish_ess(w)
             res.update(log_weights=log_w, weights=w)

@@ -102,11 +102,30 @@ def load_frames(paths: Sequence[str | os.PathLike], system: MolecularSystem, ski
     return centre(x)
 
 
-def build_map(system: MolecularSystem, scale_nm: float, config: BoltzmannConfig) -> BoltzmannMap:
+def pair_statistics(frames_nm: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (A, A) nm of the distances of bonded and 1-3 pairs over the frames (0 elsewhere)."""
+    near = (edges[..., 0] + edges[..., 1]) > 0  # graph distance 1 or 2
+    i, j = np.nonzero(near)
+    d = np.linalg.norm(frames_nm[:, i] - frames_nm[:, j], axis=-1)
+    mean = np.zeros(near.shape)
+    std = np.zeros(near.shape)
+    mean[i, j] = d.mean(0)
+    std[i, j] = np.maximum(d.std(0), 1e-4)
+    return mean, std
+
+
+def build_map(system: MolecularSystem, scale_nm: float, config: BoltzmannConfig,
+              frames_nm: np.ndarray | None = None) -> BoltzmannMap:
+    """A fresh map for ``system``; ``frames_nm`` (training frames) set its pair statistics (a loaded
+    checkpoint overwrites them with the recorded ones)."""
     from ..models.molecular import atom_features
 
     scal, edges = atom_features(system)
-    return BoltzmannMap(scal, edges, scale_nm, config)
+    pm, ps = pair_statistics(frames_nm, edges) if frames_nm is not None else (None, None)
+    if pm is None:  # placeholders with the right mask (the checkpoint's buffers replace the values)
+        near = (edges[..., 0] + edges[..., 1]) > 0
+        pm, ps = near * 1.0, np.ones(near.shape)
+    return BoltzmannMap(scal, edges, scale_nm, config, pm, ps)
 
 
 def _y_features(z: torch.Tensor) -> torch.Tensor:
@@ -124,7 +143,7 @@ class BoltzmannTrainer:
         self.scale_nm = scale
         self.data = torch.as_tensor(frames_nm / scale, dtype=torch.float32, device=device)
         torch.manual_seed(seed)
-        self.model = build_map(system, scale, map_config).to(device)
+        self.model = build_map(system, scale, map_config, frames_nm).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.gen = torch.Generator(device=device).manual_seed(seed)

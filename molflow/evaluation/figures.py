@@ -161,7 +161,7 @@ def iid_figures(ref, phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | Non
     paths: list[Path] = []
     panels = [("reference MD", ref.phi.ravel(), ref.psi.ravel(), None),
               ("samples, unweighted", phi, psi, None)]
-    if weights is not None:
+    if weights is not None and np.nansum(weights) > 0:
         panels.append(("samples, Boltzmann-weighted", phi, psi, weights))
     fs = [M.free_energy(M.phi_psi_histogram(a, b, w), kT) for _, a, b, w in panels]
     finite = np.concatenate([f[np.isfinite(f)] for f in fs if np.isfinite(f).any()])

@@ -517,6 +517,9 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
     if short is None:
         result["equal_cost"] = {"value": None, "reason": note}
     else:
+        if short.phi.shape[1] >= ref.phi.shape[1]:
+            note = (f"the sampler's wall-clock buys at least the whole reference ({ref.simulated_ns:.3g} ns): this row "
+                    f"is the reference against itself (no information). {note}").strip()
         result["equal_cost"] = {"stationary": _stationary(ref, short, system), "note": note,
                                 "frames": short.phi.shape[1], "simulated_ns": short.simulated_ns}
     ha, hb = _split_halves(ref)

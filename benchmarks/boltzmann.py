@@ -42,8 +42,11 @@ import molflow
 SIZES = {
     # MD: training frames and the evaluation reference; training; samples per step count
     "small": dict(train_replicas=2, train_ps=200.0, train_frame_fs=200.0, ref_replicas=2, ref_ps=400.0,
-                  train_steps=500, batch_size=32, n_features=32, n_layers=2, n_unweighted=1000, n_weighted=24,
+                  train_steps=1500, batch_size=32, n_features=32, n_layers=2, n_unweighted=1000, n_weighted=32,
                   eta_scan_samples=300, eta_scan_steps=32, workers=1),
+    "tiny": dict(train_replicas=1, train_ps=20.0, train_frame_fs=200.0, ref_replicas=2, ref_ps=20.0,
+                 train_steps=6, batch_size=8, n_features=8, n_layers=1, n_unweighted=16, n_weighted=4,
+                 eta_scan_samples=20, eta_scan_steps=4, workers=1),  # checks that the script runs
     "full": dict(train_replicas=32, train_ps=1000.0, train_frame_fs=250.0, ref_replicas=64, ref_ps=2000.0,
                  train_steps=20000, batch_size=256, n_features=64, n_layers=3, n_unweighted=100000,
                  n_weighted=10000, eta_scan_samples=2000, eta_scan_steps=64, workers=None),

@@ -20,7 +20,7 @@ import torch
 import molflow
 from molflow.boltzmann.geometry import ChiralityChecker, centre_free_basis, stereocentres
 from molflow.boltzmann.model import BoltzmannConfig, VPSchedule
-from molflow.boltzmann.reweight import (boltzmann_log_weights, gaussian_log_density, invertibility_check,
+from molflow.boltzmann.reweight import (INVERSE_OTHER_PREIMAGE, boltzmann_log_weights, gaussian_log_density, invertibility_check,
                                         jacobian_and_value, kish_ess, logabsdet, self_normalise)
 from molflow.boltzmann.toy import double_well_2d, draw_path, toy_map
 from molflow.cli import EXIT_INPUT, main
@@ -102,12 +102,14 @@ def test_invertibility_check_finds_a_fold():
     out = {}
     for name, fn in (("fold", fold), ("bijection", bijection)):
         jac, x = jacobian_and_value(fn, z)
-        out[name] = invertibility_check(fn, z, x, jac, radius=0.5, generator=torch.Generator().manual_seed(1))["ok"]
-    assert bool(out["bijection"].all())
-    bad = ~out["fold"]
+        out[name] = invertibility_check(fn, z, x, jac, radius=0.5, generator=torch.Generator().manual_seed(1))
+    assert bool(out["bijection"]["ok"].all())
+    bad = ~out["fold"]["ok"]
     assert bool((z[bad, 0].abs() < 0.5).all())  # no false alarm away from the fold
     near = z[:, 0].abs() < 0.25
     assert int(bad[near].sum()) > 0.5 * int(near.sum()) > 0  # most starts that straddle the fold are caught
+    found = out["fold"]["status"][bad] == INVERSE_OTHER_PREIMAGE  # ... as proven folds: the other preimage -z1
+    assert float(found.double().mean()) > 0.5
 
 
 # ------------------------------------------------------------------------------ the molecular map

@@ -7,8 +7,8 @@ Jacobian gives importance weights for the force field's Boltzmann distribution (
 :mod:`.sampler`); chirality is handled explicitly (:mod:`.geometry`).
 """
 from .model import BoltzmannConfig, BoltzmannMap, VPSchedule
-from .sampler import BoltzmannSampler, is_boltzmann_samples, read_samples
+from .sampler import BoltzmannSampler, read_samples
 from .training import BoltzmannTrainConfig, train_boltzmann
 
 __all__ = ["BoltzmannConfig", "BoltzmannMap", "BoltzmannSampler", "BoltzmannTrainConfig", "VPSchedule",
-           "is_boltzmann_samples", "read_samples", "train_boltzmann"]
+           "read_samples", "train_boltzmann"]

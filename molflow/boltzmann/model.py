@@ -67,7 +67,7 @@ class BoltzmannConfig:
     network trained during the DSM warm-up and then frozen, plus a zero-initialised correction
     network (the map starts as the SDE's own DDIM(η) sampler; two evaluations per step). Measured
     on alanine dipeptide (1 CPU thread, F = 32, 2 layers, 800 optimiser steps of 32 items on 4000
-    MD frames, seed 1; 200 samples): one network trained in 2.4 min, two in 3.8 min; mean |bond
+    MD frames, seed 1; 200 samples): one network trained in 2.4 min of CPU time, two in 3.8; mean |bond
     length - reference| 0.088 vs 0.121 nm at 4 map steps, and the SDE's own 64-step sampler 0.010
     vs 0.178 nm (the frozen score saw only the 240 warm-up steps); the Jacobian costs twice as much
     with two (``benchmarks/boltzmann.py``, ``network_costs``). Both are far from converged at this

@@ -13,11 +13,11 @@ knows molecules: ``fn`` is any torch function of one flat sample.
 
 - :func:`jacobian_and_value`: the exact Jacobian (d x d) of ``fn`` at every sample, batched with
   ``torch.func`` (``vmap`` of ``jacrev``) — use float64;
-- :func:`chord_inverse`: an inverse by fixed-point iteration, z <- z - J⁻¹ (T(z) - x) with J the
-  Jacobian at the sample, started away from the sample; the weight is kept as exact only where it
-  returns to the start (a local-and-finite-radius check, not a proof of global injectivity: an
-  iteration that lands on another preimage proves a fold, one that wanders off is counted as a
-  failure too);
+- :func:`inverse_iteration`, :func:`invertibility_check`: an inverse by fixed-point iteration,
+  z <- z - H (T(z) - x) with H = J⁻¹ at the sample refined by Broyden updates, started away from
+  the sample; the weight is kept as exact only where it returns to the start (a finite-radius
+  check, not a proof of global injectivity: an iteration that lands on another preimage proves a
+  fold, one that does not converge is counted as a failure too);
 - :func:`self_normalise`, :func:`kish_ess`.
 """
 from __future__ import annotations
@@ -68,59 +68,83 @@ def logabsdet(jac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(finite, lad, nan), torch.where(finite, smin, nan)
 
 
-def chord_inverse(fn: Callable, x: torch.Tensor, z_start: torch.Tensor, jac: torch.Tensor, *args: torch.Tensor,
-                  n_iter: int = 40, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve T(z) = x by z <- z - J⁻¹ (T(z) - x) from ``z_start`` (B, d); returns (z, |T(z) - x|).
+def inverse_iteration(fn: Callable, x: torch.Tensor, z_start: torch.Tensor, jac: torch.Tensor, *args: torch.Tensor,
+                      n_iter: int = 40, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve T(z) = x by the fixed-point iteration z <- z - H (T(z) - x) from ``z_start`` (B, d).
 
-    A fixed-point iteration whose fixed points are exactly the preimages of x; with J the Jacobian
-    at a preimage it converges linearly near it. A step that does not reduce |T(z) - x| is retried
-    at half length (per sample; a sample stops once its step falls below 1e-3 or its residual below
-    ``tol``), so the iteration never walks uphill. Non-finite Jacobians give NaN residuals.
+    H starts as J⁻¹ (``jac``: the Jacobian at the sample) and is refined by Broyden's ("good")
+    rank-one updates from the steps taken, so the iteration can also reach a preimage where the
+    Jacobian differs (e.g. the other side of a fold); its fixed points are exactly the preimages of
+    x. A step that does not reduce |T(z) - x| is retried at half length (per sample; a sample stops
+    once its step falls below 1e-4 or its residual below ``tol``). Only forward evaluations of
+    ``fn`` (vmapped over samples) are used. Returns (z, |T(z) - x|); NaN residuals where the
+    Jacobian is not finite.
     """
     fb = vmap(fn)
     finite = torch.isfinite(jac).flatten(1).all(1)
     eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-    lu, piv = torch.linalg.lu_factor(torch.where(finite[:, None, None], jac, eye))
+    safe = torch.where(finite[:, None, None], jac, eye)
+    H = torch.linalg.pinv(safe)  # = J⁻¹ where J is invertible; finite where it is singular
     z = z_start.clone()
     with torch.no_grad():
         r = fb(z, *args) - x
         res = r.norm(dim=-1)
-        step = torch.ones_like(res)  # per-sample damping: halved when a step does not reduce the residual
+        step = torch.ones_like(res)
         for _ in range(int(n_iter)):
-            todo = torch.nonzero((res >= tol) & torch.isfinite(res) & (step > 1e-3)).reshape(-1)
+            todo = torch.nonzero((res >= tol) & torch.isfinite(res) & (step > 1e-4)).reshape(-1)
             if todo.numel() == 0:
                 break
-            sub = [a[todo] for a in args]
-            dz = torch.linalg.lu_solve(lu[todo], piv[todo], r[todo].unsqueeze(-1)).squeeze(-1)
-            z_new = z[todo] - step[todo, None] * dz
-            r_new = fb(z_new, *sub) - x[todo]
+            dz = -step[todo, None] * (H[todo] @ r[todo].unsqueeze(-1)).squeeze(-1)
+            z_new = z[todo] + dz
+            r_new = fb(z_new, *[a[todo] for a in args]) - x[todo]
             res_new = r_new.norm(dim=-1)
-            better = torch.isfinite(res_new) & (res_new < res[todo])
+            fin = torch.isfinite(res_new)
+            better = fin & (res_new < res[todo])
+            # Broyden update from every finite trial (accepted or not: the secant holds either way)
+            s_ = dz.unsqueeze(-1)  # (n, d, 1)
+            y_ = torch.where(fin[:, None], r_new - r[todo], torch.zeros_like(r_new)).unsqueeze(-1)
+            Hy = H[todo] @ y_
+            den = (s_.transpose(1, 2) @ Hy).squeeze(-1).squeeze(-1)
+            good = fin & (den.abs() > 1e-12 * (s_.norm(dim=1) * Hy.norm(dim=1)).squeeze(-1))
+            upd = ((s_ - Hy) @ (s_.transpose(1, 2) @ H[todo])) / torch.where(good, den, torch.ones_like(den))[:, None, None]
+            H[todo] = H[todo] + torch.where(good[:, None, None], upd, torch.zeros_like(upd))
             idx = todo[better]
             z[idx], r[idx], res[idx] = z_new[better], r_new[better], res_new[better]
-            step[todo[~better]] *= 0.5
             step[idx] = torch.clamp(step[idx] * 2.0, max=1.0)
+            step[todo[~better]] *= 0.5
     return z, torch.where(finite, res, torch.full_like(res, float("nan")))
 
 
+#: outcomes of :func:`invertibility_check` (``status``)
+INVERSE_OK, INVERSE_SINGULAR, INVERSE_OTHER_PREIMAGE, INVERSE_NOT_CONVERGED = 0, 1, 2, 3
+
+
 def invertibility_check(fn: Callable, z: torch.Tensor, x: torch.Tensor, jac: torch.Tensor, *args: torch.Tensor,
-                        radius: float = 0.5, generator: torch.Generator | None = None, n_iter: int = 40,
+                        radius: float = 0.1, generator: torch.Generator | None = None, n_iter: int = 40,
                         tol: float = 1e-6, min_singular: float = 1e-12) -> dict[str, torch.Tensor]:
     """Per sample: does the fixed-point inverse, started ``radius`` away from z in a random direction,
-    return to z?  Also fails a non-finite or (numerically) singular Jacobian.
+    return to z?
 
-    ``tol``: the allowed distance |z_found - z| / (1 + |z|) (float64: the iteration reaches ~1e-12
-    where it converges). Returns ``ok`` (bool), ``distance``, ``residual``, ``smallest_singular``.
+    ``status``: 0 it does (``ok``); 1 the Jacobian is non-finite or numerically singular (smallest
+    singular value <= ``min_singular``); 2 it converged (|T(z') - x| < 1e-8 (1 + |x|)) to *another*
+    preimage z' — the map is proven not injective there; 3 it did not converge (inconclusive: the
+    iteration stalls where the Jacobian changes too much over ``radius``). ``tol``: the allowed
+    |z' - z| / (1 + |z|). Returns ``ok``, ``status``, ``distance``, ``residual``, ``smallest_singular``.
     """
     d = z.shape[-1]
     u = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else z.device)
     u = u.to(z.device)
     u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    z_found, res = chord_inverse(fn, x, z + radius * u, jac, *args, n_iter=n_iter, tol=1e-12 * math.sqrt(d))
+    z_found, res = inverse_iteration(fn, x, z + radius * u, jac, *args, n_iter=n_iter, tol=1e-12 * math.sqrt(d))
     dist = (z_found - z).norm(dim=-1) / (1.0 + z.norm(dim=-1))
     _, smin = logabsdet(jac)
-    ok = torch.isfinite(dist) & (dist < tol) & torch.isfinite(smin) & (smin > min_singular)
-    return {"ok": ok, "distance": dist, "residual": res, "smallest_singular": smin}
+    converged = torch.isfinite(res) & (res < 1e-8 * (1.0 + x.norm(dim=-1)))
+    status = torch.full(z.shape[:1], INVERSE_NOT_CONVERGED, dtype=torch.int64, device=z.device)
+    status[converged & ~(dist < tol)] = INVERSE_OTHER_PREIMAGE
+    status[torch.isfinite(dist) & (dist < tol)] = INVERSE_OK
+    status[~(torch.isfinite(smin) & (smin > min_singular))] = INVERSE_SINGULAR
+    return {"ok": status == INVERSE_OK, "status": status, "distance": dist, "residual": res,
+            "smallest_singular": smin}
 
 
 def boltzmann_log_weights(energy_over_kT, log_det, log_base, *keep_masks) -> tuple[np.ndarray, np.ndarray]:

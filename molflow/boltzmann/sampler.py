@@ -23,7 +23,9 @@ that path (:mod:`molflow.boltzmann.reweight`). Every sample is kept and counted:
   ``n_mixed_chirality``); ``n_wrong_chirality`` counts both;
 - invertibility: the fixed-point inverse (started ``inverse_radius`` away in the base) must return
   to η and the Jacobian must be finite and non-singular, else weight zero
-  (``n_invertibility_failures``);
+  (``n_invertibility_failures`` = ``n_singular_jacobian`` + ``n_inverse_other_preimage`` (proven
+  folds) + ``n_inverse_not_converged`` (inconclusive, excluded to be safe); per sample
+  ``inverse_status`` 0-3, :func:`~molflow.boltzmann.reweight.invertibility_check`);
 - a non-finite energy gets weight zero (``n_nonfinite_energy``).
 
 Random numbers depend only on (seed, batch index), and are drawn in float64 whether or not the run
@@ -51,23 +53,13 @@ from ..systems import MolecularSystem, system_from_pdb_text
 from ..training.checkpoint import load_checkpoint
 from .geometry import ChiralityChecker, centre, centre_free_basis
 from .model import BoltzmannConfig, BoltzmannMap
-from .reweight import (boltzmann_log_weights, gaussian_log_density, invertibility_check, jacobian_and_value,
-                       kish_ess, logabsdet, self_normalise)
+from .reweight import (INVERSE_NOT_CONVERGED, INVERSE_OTHER_PREIMAGE, INVERSE_SINGULAR, boltzmann_log_weights,
+                       gaussian_log_density, invertibility_check, jacobian_and_value, kish_ess, logabsdet,
+                       self_normalise)
 from .training import FORMAT, build_map
 
 FILE_FORMAT = "molflow-boltzmann-samples"
 SUPPORTED_STEPS = (1, 2, 4, 10)
-
-
-def is_boltzmann_samples(path: str | os.PathLike) -> bool:
-    """True for a conf.h5 written by :meth:`BoltzmannSampler.sample` (i.i.d. samples)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return f.attrs.get("format") == FILE_FORMAT
-    except OSError:
-        return False
 
 
 def read_samples(path: str | os.PathLike) -> dict[str, Any]:
@@ -167,7 +159,7 @@ class BoltzmannSampler:
 
     def sample(self, n: int, steps: int = 4, seed: int | None = None, reweight: bool = False,
                out: str | os.PathLike | None = None, overwrite: bool = False, batch_size: int | None = None,
-               jacobian_chunk: int | None = None, inverse_radius: float = 0.5, inverse_iterations: int = 30,
+               jacobian_chunk: int | None = None, inverse_radius: float = 0.1, inverse_iterations: int = 30,
                energy_platform: str = "CPU", progress: bool = False) -> dict[str, Any]:
         """Draw ``n`` conformations with ``steps`` map steps (1, 2, 4 or 10 as trained; others are
         allowed but were not on the training grid unless they divide 64 or are below 32).
@@ -175,7 +167,8 @@ class BoltzmannSampler:
         Returns a dict: ``positions`` (n, A, 3) nm (chirality folded), ``potential_energy`` (n,)
         kJ/mol, ``chirality_ok`` and ``reflected`` (n,), with ``reweight`` also ``log_weights``,
         ``weights`` (self-normalised, zero where excluded), ``log_det_jacobian``,
-        ``log_base_density``, ``invertible``, ``inverse_distance``, ``smallest_singular_value``;
+        ``log_base_density``, ``invertible``, ``inverse_status``, ``inverse_distance``,
+        ``smallest_singular_value``;
         and ``attrs`` (counts, ESS, timings, settings). With ``out`` the same goes to HDF5.
         """
         from tqdm.auto import tqdm
@@ -200,7 +193,7 @@ class BoltzmannSampler:
         model64 = copy.deepcopy(self.model).double().requires_grad_(False) if reweight else None
         fn = self._map_fn(model64, K) if reweight else None
         cols: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "positions", "log_det_jacobian", "log_base_density", "invertible", "inverse_distance",
+            "positions", "log_det_jacobian", "log_base_density", "invertible", "inverse_status", "inverse_distance",
             "smallest_singular_value")}
         t_map = t_rew = 0.0
         bar = tqdm(total=n, disable=not progress, desc=f"sample-boltzmann K={K}", unit="conf", file=sys.stderr,
@@ -228,6 +221,7 @@ class BoltzmannSampler:
                 cols["log_det_jacobian"].append((lad + d * math.log(float(self.model.scale))).cpu().numpy())
                 cols["log_base_density"].append(gaussian_log_density(e).cpu().numpy())
                 cols["invertible"].append(chk["ok"].cpu().numpy())
+                cols["inverse_status"].append(chk["status"].cpu().numpy())
                 cols["inverse_distance"].append(chk["distance"].cpu().numpy())
                 cols["smallest_singular_value"].append(chk["smallest_singular"].cpu().numpy())
                 t_rew += time.perf_counter() - t0
@@ -263,7 +257,7 @@ class BoltzmannSampler:
             "units": "positions nm (centred), potential_energy kJ/mol (single-molecule NoCutoff)",
         }
         if reweight:
-            for key in ("log_det_jacobian", "log_base_density", "invertible", "inverse_distance",
+            for key in ("log_det_jacobian", "log_base_density", "invertible", "inverse_status", "inverse_distance",
                         "smallest_singular_value"):
                 res[key] = np.concatenate(cols[key])
             inv = res["invertible"].astype(bool)
@@ -272,7 +266,11 @@ class BoltzmannSampler:
             w = self_normalise(log_w, keep)
             ess = kish_ess(w)
             res.update(log_weights=log_w, weights=w)
+            st = res["inverse_status"]
             attrs.update(ess=ess, ess_fraction=ess / n, n_invertibility_failures=int((~inv).sum()),
+                         n_singular_jacobian=int((st == INVERSE_SINGULAR).sum()),
+                         n_inverse_other_preimage=int((st == INVERSE_OTHER_PREIMAGE).sum()),
+                         n_inverse_not_converged=int((st == INVERSE_NOT_CONVERGED).sum()),
                          n_weight_zero=int((~keep).sum()), inverse_radius=float(inverse_radius),
                          inverse_iterations=int(inverse_iterations), jacobian="torch.func vmap(jacrev), float64",
                          max_weight=float(w.max()) if w.size else 0.0)

@@ -138,6 +138,9 @@ def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, devic
                 sw = m["stationary_weighted"]
                 row[kind].update(
                     ess=a["ess"], ess_fraction=a["ess_fraction"], n_invertibility_failures=a["n_invertibility_failures"],
+                    n_inverse_other_preimage=a["n_inverse_other_preimage"],
+                    n_inverse_not_converged=a["n_inverse_not_converged"], n_singular_jacobian=a["n_singular_jacobian"],
+                    max_weight=a["max_weight"], n_weight_zero=a["n_weight_zero"],
                     n_wrong_chirality=a["n_wrong_chirality"], effective_samples_per_s=a["ess"] / a["wall_clock_s"],
                     weighted={"js_phi_psi": sw.get("js_phi_psi"),
                               "fes_rmse_kj_mol_2d": (sw.get("fes_rmse_kj_mol") or {}).get("phi_psi"),

@@ -76,12 +76,15 @@ class BoltzmannConfig:
     ``eta``: noise scale of the reverse SDE family (1: the usual reverse SDE, 0: the probability-flow
     ODE). The default is small because path-conditional importance weights lose efficiency with the
     noise the path carries: for fixed ξ the map's output varies with z only by the part of the
-    output's spread the path does not carry, so even for a *perfect* map Var(log w) grows with
-    η²Λ per dimension. Measured (``benchmarks/boltzmann.py``, η scan: the exact denoiser of a
-    62-dimensional Gaussian-mixture toy with 20 stiff directions, 64 steps, 1000 samples): ESS/N =
-    0.76, 0.67, 0.46, 0.24, 0.05, 0.003, 0.001 at η = 0, 0.01, 0.02, 0.03, 0.05, 0.1, 1 (2-D: 0.99 at
-    η = 0, 0.67 at 0.1, 0.06 at 1). η = 0.01 keeps a genuine SDE (the issue's) at about 12% of the
-    ESS of the ODE; ``eta = 0`` is allowed.
+    output's spread the path does not carry, so even for a *perfect* map Var(log w) grows with η² in
+    every dimension. For a unit-variance Gaussian direction (score -y) the map contracts z by
+    c = exp(-η² ∫σ² dλ) (∫σ² dλ = 6.0 for the default schedule), the path-conditional density has
+    variance c², and the weights' variance is infinite once c² < 1/2, i.e. η > 0.24.
+    Measured (``benchmarks/boltzmann.py``, η scan in ``benchmarks/results/boltzmann_cpu_small.json``:
+    the *exact* denoiser of a Gaussian-mixture toy, 32 steps, 300 samples): ESS/N = 0.30, 0.31,
+    0.24, 0.09, 0.025, 0.005, 0.003 at η = 0, 0.01, 0.02, 0.05, 0.1, 0.3, 1 in 62 dimensions (20
+    stiff ones, like bonds), 0.95 / 0.76 / 0.11 at η = 0 / 0.1 / 1 in 2-D. η = 0.01 keeps a genuine SDE (the issue's) at no measurable ESS cost; ``eta = 0`` is
+    allowed.
     """
 
     n_features: int = 64

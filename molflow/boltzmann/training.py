@@ -36,7 +36,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import __version__
 from ..errors import InputError
 from ..flowmap import ComposedFlowMap, local_loss, sample_coefficients_torch, semigroup_loss
 from ..seeding import random_seed

@@ -8,6 +8,9 @@ and the command line stay fast and torch is loaded only by the parts that need i
 - :class:`Trajectory` — read a run file (lazy arrays, ``to_mdtraj``, ``iter_chunks``)
 - :func:`floor` — the irreducible error of a map fed N path coefficients (pairs of MD runs)
 - :func:`train`, :class:`FlowMap` — train a molecular flow map; load it and sample
+- :func:`evaluate` — judge samples (trajectories or i.i.d. conformations) against reference MD
+- :func:`train_boltzmann`, :class:`BoltzmannSampler` — few-step equilibrium conformations with exact
+  Boltzmann weights
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ _LAZY = {
     "FlowMap": ("molflow.sampling", "FlowMap"),
     "floor": ("molflow.noise_floor", "floor"),
     "evaluate": ("molflow.evaluation.report", "evaluate"),
+    "train_boltzmann": ("molflow.boltzmann.training", "train_boltzmann"),
+    "BoltzmannSampler": ("molflow.boltzmann.sampler", "BoltzmannSampler"),
     "MolflowError": ("molflow.errors", "MolflowError"),
     "InputError": ("molflow.errors", "InputError"),
     "SimulationError": ("molflow.errors", "SimulationError"),

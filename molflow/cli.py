@@ -131,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="sampled run file (or another MD run)")
     p.add_argument("--report", required=True, help="output folder")
 
+    p = sub.add_parser("train-boltzmann", help="train the few-step Boltzmann sampler on reference MD frames",
+                       description="Learn the score of the reverse-time VP diffusion SDE on centred all-atom "
+                                   "positions (denoising score matching on the frames of --data) and its few-step "
+                                   "flow map (local and semigroup losses), with the equivariant PaiNN backbone.")
+    p.add_argument("system", help="built-in system name or a PDB file (must match the data)")
+    p.add_argument("--data", action="append", required=True, help="reference run file (repeatable)")
+    p.add_argument("--out", required=True, help="checkpoint file to write (bg.pt)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 4000)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--config", help="YAML file of settings (batch_size, lr, n_features, n_layers, networks, eta, ...)")
+
+    p = sub.add_parser("sample-boltzmann", help="i.i.d. equilibrium conformations, optionally with exact weights",
+                       description="Draw conformations with a trained Boltzmann sampler in --steps map steps and "
+                                   "write them to HDF5 (positions, potential energies, chirality flags); with "
+                                   "--reweight also exact importance weights for the force field's Boltzmann "
+                                   "distribution (Jacobian log-determinants, invertibility and chirality checks, "
+                                   "Kish ESS).")
+    p.add_argument("model", help="Boltzmann-sampler checkpoint (bg.pt)")
+    p.add_argument("--n", type=int, required=True, help="number of conformations")
+    p.add_argument("--steps", type=int, default=4, help="map steps: 1, 2, 4 or 10 (default 4)")
+    p.add_argument("--out", required=True, help="output HDF5 file (conf.h5)")
+    p.add_argument("--reweight", action="store_true", help="compute exact Boltzmann importance weights")
+    p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, help="conformations per batch (default 1024; 64 with --reweight "
+                                                  "on a CPU, 256 on a GPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
     p = sub.add_parser("info", help="what a run file or checkpoint holds")
     p.add_argument("file", help="a molflow HDF5 file")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -160,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         handlers = {"simulate": _simulate, "info": _info, "quickstart": _quickstart, "floor": _floor,
-                    "train": _train, "evaluate": _evaluate, "sample": _sample}
+                    "train": _train, "evaluate": _evaluate, "sample": _sample,
+                    "train-boltzmann": _train_boltzmann, "sample-boltzmann": _sample_boltzmann}
         return handlers[args.command](args)
     except MolflowError as exc:
         print(f"molflow {args.command}: error: {exc}", file=sys.stderr)
@@ -194,6 +224,8 @@ def _kept(args) -> str:
             return ""
     if args.command == "train" and out and Path(out).exists():
         return f"; the last checkpoint is in {out}: continue with --resume"
+    if args.command == "train-boltzmann" and out and Path(out).exists():
+        return f"; the last checkpoint is in {out}"
     return ""
 
 
@@ -258,20 +290,26 @@ def _floor(args) -> int:
     return 0
 
 
-def _train(args) -> int:
+def _read_config(path: str | None) -> dict:
     import yaml
 
     from .errors import InputError
+
+    if not path:
+        return {}
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read --config {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--config {path} must be a mapping of settings")
+    return config
+
+
+def _train(args) -> int:
     from .training.loop import train
 
-    config = {}
-    if args.config:
-        try:
-            config = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"cannot read --config {args.config}: {exc}") from None
-        if not isinstance(config, dict):
-            raise InputError(f"--config {args.config} must be a mapping of settings")
+    config = _read_config(args.config)
     out = train(args.system, data=args.data, out=args.out, tau_max_ps=args.tau_max_ps,
                 n_coefficients=args.coefficients, steps=args.steps, device=args.device, seed=args.seed,
                 resume=args.resume, config=config, progress=not args.quiet, devices=args.devices)
@@ -334,6 +372,44 @@ def _sample(args) -> int:
     return 0
 
 
+def _train_boltzmann(args) -> int:
+    from .boltzmann.training import train_boltzmann
+
+    out = train_boltzmann(args.system, data=args.data, out=args.out, steps=args.steps, device=args.device,
+                          seed=args.seed, config=_read_config(args.config), progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _sample_boltzmann(args) -> int:
+    from .boltzmann.sampler import SUPPORTED_STEPS, BoltzmannSampler
+    from .errors import InputError
+    from .seeding import random_seed
+
+    if args.steps not in SUPPORTED_STEPS:
+        raise InputError(f"--steps must be one of {', '.join(map(str, SUPPORTED_STEPS))} (the trained grids), "
+                         f"not {args.steps}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"{args.out} exists: pass --overwrite to replace it")
+    bs = BoltzmannSampler.load(args.model, device=args.device)
+    seed = args.seed if args.seed is not None else random_seed()
+    if not args.quiet:
+        print(f"molflow sample-boltzmann: model={args.model} n={args.n} steps={args.steps} reweight={args.reweight} "
+              f"seed={seed} device={bs.device}", file=sys.stderr)
+    res = bs.sample(args.n, steps=args.steps, seed=seed, reweight=args.reweight, out=args.out,
+                    overwrite=args.overwrite, batch_size=args.batch_size, progress=not args.quiet)
+    if not args.quiet:
+        a = res["attrs"]
+        msg = (f"wrote {args.out}: {a['n_samples']} conformations in {a['wall_clock_s']:.1f} s, seed {a['seed']}, "
+               f"mirror images reflected {a['n_reflected']}, mixed chirality {a['n_mixed_chirality']}")
+        if args.reweight:
+            msg += (f"; ESS {a['ess']:.1f} (ESS/N {a['ess_fraction']:.3g}), invertibility failures "
+                    f"{a['n_invertibility_failures']}")
+        print(msg)
+    return 0
+
+
 def _evaluate(args) -> int:
     from .evaluation.report import evaluate
 
@@ -347,8 +423,23 @@ def _info(args) -> int:
     from .trajectory import Trajectory
 
     if str(args.file).endswith((".pt", ".pth")):
+        import torch
+
         from .training.checkpoint import load_checkpoint
 
+        try:
+            fmt = torch.load(args.file, map_location="cpu", weights_only=True).get("format")
+        except Exception:  # missing or unreadable: load_checkpoint below says why, in one line
+            fmt = None
+        if fmt == "molflow-boltzmann":
+            ck = load_checkpoint(args.file, expected_format=fmt, kind="Boltzmann-sampler")
+            info = {"path": str(args.file), "kind": "Boltzmann-sampler checkpoint", "step": ck.get("step"),
+                    "molflow_version": ck.get("molflow_version"), "scale_nm": ck.get("scale_nm"),
+                    "training_wall_clock_s": ck.get("training_wall_clock_s"),
+                    "system": {k: v for k, v in ck["system_json"].items() if k != "pdb"},
+                    "map_config": ck["map_config_json"], "train_config": ck["train_config_json"]}
+            print(json.dumps(info, indent=2, default=str))
+            return 0
         ck = load_checkpoint(args.file)
         info = {"path": str(args.file), "kind": "flow-map checkpoint", "step": ck.get("step"),
                 "h0_ps": ck.get("h0_ps"), "molflow_version": ck.get("molflow_version"),
@@ -356,11 +447,22 @@ def _info(args) -> int:
                 "map_config": ck["map_config_json"], "train_config": ck["train_config_json"]}
         print(json.dumps(info, indent=2, default=str))
         return 0
-    with Trajectory(args.file) as t:
-        a = t.attrs
-        a.pop("pdb", None)
-        info = {"path": str(t.path), "replicas": t.n_replicas, "frames": t.n_frames, "atoms": t.n_atoms,
-                "datasets": {k: list(t._file[k].shape) for k in t._file}, **a}
+    from .evaluation.report import is_iid_samples
+
+    if is_iid_samples(args.file):
+        import h5py
+
+        from .trajectory import _plain
+
+        with h5py.File(args.file, "r", locking=False) as f:
+            info = {"path": str(args.file), "datasets": {k: list(f[k].shape) for k in f},
+                    **{k: _plain(v) for k, v in f.attrs.items() if k != "pdb"}}
+    else:
+        with Trajectory(args.file) as t:
+            a = t.attrs
+            a.pop("pdb", None)
+            info = {"path": str(t.path), "replicas": t.n_replicas, "frames": t.n_frames, "atoms": t.n_atoms,
+                    "datasets": {k: list(t._file[k].shape) for k in t._file}, **a}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -147,3 +147,64 @@ def _arr(values) -> np.ndarray | None:
     if values is None:
         return None
     return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def iid_figures(ref, phi: np.ndarray, psi: np.ndarray, weights: np.ndarray | None, result: dict, system,
+                out_dir: Path) -> list[Path]:
+    """Figures for i.i.d. conformations: Ramachandran free energies (reference | samples | samples
+    weighted), 1-D free energies, and the weight distribution. Returns the paths written."""
+    from . import metrics as M
+
+    plt = _plt()
+    kT = system.kT_kj_mol
+    out_dir = Path(out_dir)
+    paths: list[Path] = []
+    panels = [("reference MD", ref.phi.ravel(), ref.psi.ravel(), None),
+              ("samples, unweighted", phi, psi, None)]
+    if weights is not None and np.nansum(weights) > 0:
+        panels.append(("samples, Boltzmann-weighted", phi, psi, weights))
+    fs = [M.free_energy(M.phi_psi_histogram(a, b, w), kT) for _, a, b, w in panels]
+    finite = np.concatenate([f[np.isfinite(f)] for f in fs if np.isfinite(f).any()])
+    vmax = np.nanpercentile(finite, 99) if finite.size else 1.0
+    edges = np.linspace(-180, 180, fs[0].shape[0] + 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4))
+    for ax, (title, *_), f in zip(np.atleast_1d(axes), panels, fs):
+        im = ax.pcolormesh(edges, edges, np.ma.masked_invalid(f).T, cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(f"{title}: F (kJ/mol)", fontsize=10)
+        ax.set_xlabel("φ (deg)")
+        ax.set_ylabel("ψ (deg)")
+        fig.colorbar(im, ax=ax)
+    _save(fig, out_dir / "ramachandran.png", paths)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    bins = np.linspace(-np.pi, np.pi, 65)
+    centres = np.degrees(0.5 * (bins[1:] + bins[:-1]))
+    for ax, k in zip(axes, (0, 1)):
+        for (title, a, b, w), style in zip(panels, ("k-", "C1--", "C2-")):
+            h, _ = np.histogram((a, b)[k], bins=bins, weights=w, density=True)
+            with np.errstate(divide="ignore"):
+                f = -kT * np.log(h)
+            if np.isfinite(f).any():
+                ax.plot(centres, f - np.nanmin(f[np.isfinite(f)]), style, label=title)
+        ax.set_xlabel("φ (deg)" if k == 0 else "ψ (deg)")
+        ax.set_ylabel("F (kJ/mol)")
+        ax.legend(fontsize=8)
+    _save(fig, out_dir / "free_energy_1d.png", paths)
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        n = w.size
+        pos = w[w > 0]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        if pos.size:
+            axes[0].hist(np.log10(pos * n), bins=50, color="C2")
+        axes[0].set_xlabel("log10(N · w)  (1 = a uniform weight)")
+        axes[0].set_ylabel("samples")
+        axes[0].set_title(f"{n - pos.size} of {n} samples have weight 0", fontsize=10)
+        srt = np.sort(w)[::-1]
+        axes[1].plot(np.arange(1, n + 1), np.cumsum(srt), "C2-")
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("samples, largest weight first")
+        axes[1].set_ylabel("cumulative weight")
+        ess = result.get("weights", {}).get("ess")
+        axes[1].set_title(f"Kish ESS {ess:.3g} of {n}" if ess is not None else "", fontsize=10)
+        _save(fig, out_dir / "weights.png", paths)
+    return paths

@@ -264,8 +264,13 @@ def _equal_cost(ref: RunData, samples: RunData) -> tuple[RunData | None, str]:
 
 def evaluate(reference: str | os.PathLike, samples: str | os.PathLike, report: str | os.PathLike,
              progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``samples`` against ``reference``; write metrics.json, report.md and figures in ``report``."""
+    """Evaluate ``samples`` against ``reference``; write metrics.json, report.md and figures in ``report``.
+
+    i.i.d. conformations (``molflow sample-boltzmann``'s conf.h5) go to :func:`evaluate_iid`."""
     from .figures import evaluation_figures
+
+    if is_iid_samples(samples):
+        return evaluate_iid(reference, samples, report, progress)
 
     out_dir = Path(report)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,6 +389,193 @@ def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
               f"ESS(φ) per s {_fmt(c['reference'].get('ess_per_s_phi'))} ({c['reference'].get('hardware')})",
               f"- samples: {_fmt(c['samples'].get('ns_per_wall_s'))} ns per wall-clock s, ESS(φ) per s "
               f"{_fmt(c['samples'].get('ess_per_s_phi'))} ({c['samples'].get('hardware')})"]
+    if r["equal_cost"].get("note"):
+        lines.append(f"- equal cost: {r['equal_cost']['note']}")
+    lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- i.i.d. samples (#5)
+IID_KIND = "boltzmann_samples"
+
+
+def is_iid_samples(path: str | os.PathLike) -> bool:
+    """True for a file of i.i.d. conformations (``molflow sample-boltzmann``'s conf.h5)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return f.attrs.get("kind") == IID_KIND
+    except OSError:
+        return False
+
+
+def _read_iid(path) -> dict[str, Any]:
+    import h5py
+
+    from ..trajectory import _plain
+
+    with h5py.File(path, "r", locking=False) as f:
+        out = {k: np.asarray(f[k]) for k in ("positions", "potential_energy", "weights", "log_weights",
+                                             "chirality_ok") if k in f}
+        out["attrs"] = {k: _plain(v) for k, v in f.attrs.items()}
+    return out
+
+
+def _stationary_iid(ref: RunData, phi: np.ndarray, psi: np.ndarray, pos: np.ndarray, energies: np.ndarray | None,
+                    weights: np.ndarray | None, system) -> dict[str, Any]:
+    """The stationary metrics of i.i.d. samples (optionally weighted) against the reference."""
+    kT = system.kT_kj_mol
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    p_ref = M.phi_psi_histogram(ref.phi.ravel(), ref.psi.ravel())
+    out = {
+        "js_phi_psi": M.js_divergence(p_ref, M.phi_psi_histogram(phi, psi, w)),
+        "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), phi, kT, weights=w),
+                            "psi": M.fes_rmse_1d(ref.psi.ravel(), psi, kT, weights=w),
+                            "phi_psi": M.fes_rmse_2d(ref.phi.ravel(), ref.psi.ravel(), phi, psi, kT, weights=w)},
+        "basin_populations": {"reference": M.basin_populations(ref.phi, ref.psi),
+                              "samples": M.basin_populations(phi, psi, w)},
+        "bond_w1_nm": M.bond_length_w1(ref.structure_positions, pos, system.bonds, weights=w),
+        "n_effective": float(len(phi)) if w is None else float(M._kish_ess(w)),
+    }
+    if ref.energies is not None and energies is not None:
+        out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.structure_energies, energies, weights_b=w)
+    else:
+        out["energy_w1_kj_mol"] = None
+        out["energy_w1_kj_mol_reason"] = "no potential energies in one of the files"
+    return out
+
+
+def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, report: str | os.PathLike,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate i.i.d. conformations (conf.h5) against reference MD: stationary metrics only.
+
+    Rows: the samples unweighted (``stationary``, all samples, mixed chirality included) and, when
+    the file has weights, weighted (``stationary_weighted``; self-normalised Boltzmann weights, zero
+    where excluded); ``equal_cost`` — the reference shortened to the simulated time its engine made
+    in the sampler's wall-clock (sampling, Jacobians and energies) — and ``noise_floor`` (reference
+    halves), both with the MD keys. ``weights``: ESS, ESS/N, the counts of excluded samples and the
+    log-weight distribution. Kinetics and pathwise metrics are null with their reason.
+    """
+    from .figures import iid_figures
+
+    out_dir = Path(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with Trajectory(reference) as t:
+        system = t.system()
+        fp_ref = t.attrs.get("fingerprint")
+    s = _read_iid(samples)
+    a = s["attrs"]
+    if a.get("fingerprint") not in (None, fp_ref):
+        raise InputError(f"{samples} and {reference} are different systems (fingerprints differ)")
+    ref = load_run(reference, system, "reference")
+    pos = np.asarray(s["positions"], dtype=np.float64)
+    phi_q, psi_q = system.central_dihedrals()
+    phi, psi = dihedral_angles(pos, phi_q), dihedral_angles(pos, psi_q)
+    energies = s.get("potential_energy")
+    weights = s.get("weights")
+    n = len(pos)
+    result: dict[str, Any] = {
+        "conventions": {**CONVENTIONS, "weights": "self-normalised Boltzmann importance weights from the file "
+                        "(zero where the sampler excluded a sample); n_effective = Kish ESS"},
+        "system": system.name, "kind": "iid_samples",
+        "reference": _describe(reference, ref),
+        "samples": {"path": str(samples), "n_samples": n, "kind": a.get("kind"), "steps": a.get("steps"),
+                    "hardware": a.get("hardware"), "wall_clock_s": a.get("wall_clock_s"),
+                    "training_wall_clock_s": a.get("training_wall_clock_s"), "reweighted": weights is not None},
+    }
+    result["stationary"] = _stationary_iid(ref, phi, psi, pos, energies, None, system)
+    if weights is not None:
+        result["stationary_weighted"] = _stationary_iid(ref, phi, psi, pos, energies, weights, system)
+        lw = np.asarray(s.get("log_weights", np.log(np.where(weights > 0, weights, np.nan))), dtype=np.float64)
+        fin = np.isfinite(lw) & (weights > 0)
+        q = np.log10(weights[fin] * n) if fin.any() else np.array([])
+        result["weights"] = {
+            "ess": M._kish_ess(weights), "ess_fraction": M._kish_ess(weights) / n, "n_samples": n,
+            "n_weight_zero": int((~fin).sum()), "max_weight": float(weights.max()) if n else None,
+            "log10_n_times_weight_quantiles": {str(p): float(np.quantile(q, p)) for p in (0.01, 0.1, 0.5, 0.9, 0.99)}
+            if q.size else None,
+            **{k: a.get(k) for k in ("n_invertibility_failures", "n_wrong_chirality", "n_reflected",
+                                     "n_mixed_chirality", "n_nonfinite_energy")},
+        }
+    else:
+        reason = "no weights in the samples file (sample without --reweight)"
+        result["stationary_weighted"] = {"value": None, "reason": reason}
+        result["weights"] = {"value": None, "reason": reason,
+                             **{k: a.get(k) for k in ("n_wrong_chirality", "n_reflected", "n_mixed_chirality")}}
+    result["kinetics"] = {"value": None, "reason": "i.i.d. samples have no time axis: no kinetics"}
+    result["pathwise"] = {"value": None, "reason": "i.i.d. samples are not driven by the reference's path"}
+    wall = a.get("wall_clock_s")
+    ess = result["weights"].get("ess") if weights is not None else None
+    result["cost"] = {"reference": _cost(ref),
+                      "samples": {"samples_per_wall_s": n / wall if wall else None,
+                                  "effective_samples_per_wall_s": ess / wall if wall and ess is not None else None,
+                                  "wall_clock_s": wall, "training_wall_clock_s": a.get("training_wall_clock_s"),
+                                  "hardware": a.get("hardware")}}
+    pseudo = dataclasses.replace(ref, label="samples", attrs={"wall_clock_s": wall, "hardware": a.get("hardware")})
+    short, note = _equal_cost(ref, pseudo)
+    if short is None:
+        result["equal_cost"] = {"value": None, "reason": note}
+    else:
+        if short.phi.shape[1] >= ref.phi.shape[1]:
+            note = (f"the sampler's wall-clock buys at least the whole reference ({ref.simulated_ns:.3g} ns): this row "
+                    f"is the reference against itself (no information). {note}").strip()
+        result["equal_cost"] = {"stationary": _stationary(ref, short, system), "note": note,
+                                "frames": short.phi.shape[1], "simulated_ns": short.simulated_ns}
+    ha, hb = _split_halves(ref)
+    result["noise_floor"] = {"stationary": _stationary(ha, hb, system)}
+    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+    figures = iid_figures(ref, phi, psi, weights, result, system, out_dir)
+    (out_dir / "report.md").write_text(_markdown_iid(result, figures))
+    return result
+
+
+def _markdown_iid(r: dict[str, Any], figures: list[Path]) -> str:
+    smp, ref = r["samples"], r["reference"]
+    lines = [f"# molflow evaluation: {r['system']} (i.i.d. conformations)", "",
+             f"Reference: `{ref['path']}` ({ref['n_replicas']} replicas x {ref['n_frames']} frames, "
+             f"{ref['simulated_ns']:.3g} ns). Samples: `{smp['path']}` ({smp['n_samples']} conformations, "
+             f"{smp.get('steps')} map steps, {_fmt(smp.get('wall_clock_s'))} s on {smp.get('hardware')}).", "",
+             "## Conventions", ""]
+    lines += [f"- **{k}**: {v}" for k, v in r["conventions"].items()]
+    lines += ["", "## Stationary", "", "| row | JS(φ,ψ) | FES RMSE φ | FES RMSE ψ | FES RMSE 2-D | bond W1 (nm) | "
+              "energy W1 (kJ/mol) | n (effective) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("samples, unweighted", r["stationary"]), ("samples, weighted", r["stationary_weighted"]),
+            ("equal-cost reference", r["equal_cost"].get("stationary")),
+            ("noise floor (reference halves)", r["noise_floor"]["stationary"])]
+    for name, s in rows:
+        if not s or s.get("value", 0) is None:
+            why = (s or r["equal_cost"]).get("reason", "n/a")
+            lines.append(f"| {name} | {why} | | | | | | |")
+            continue
+        f = s["fes_rmse_kj_mol"]
+        lines.append(f"| {name} | {_fmt(s['js_phi_psi'])} | {_fmt(f['phi'])} | {_fmt(f['psi'])} | "
+                     f"{_fmt(f['phi_psi'])} | {_fmt(s['bond_w1_nm'])} | {_fmt(s['energy_w1_kj_mol'])} | "
+                     f"{_fmt(s.get('n_effective'))} |")
+    lines += ["", "Basin populations (reference | unweighted | weighted):", ""]
+    bref = r["stationary"]["basin_populations"]["reference"]
+    bu = r["stationary"]["basin_populations"]["samples"]
+    bw = (r["stationary_weighted"].get("basin_populations") or {}).get("samples", {})
+    for name in M.BASINS:
+        lines.append(f"- {name}: {_fmt(bref[name]['population'])} | {_fmt(bu[name]['population'])} | "
+                     f"{_fmt((bw.get(name) or {}).get('population'))}")
+    w = r["weights"]
+    lines += ["", "## Weights", ""]
+    if w.get("ess") is not None:
+        lines += [f"- Kish ESS {_fmt(w['ess'])} of {w['n_samples']} (ESS/N {_fmt(w['ess_fraction'])}); "
+                  f"largest weight {_fmt(w['max_weight'])}",
+                  f"- weight zero: {w['n_weight_zero']} (invertibility failures {w.get('n_invertibility_failures')}, "
+                  f"mixed chirality {w.get('n_mixed_chirality')}, non-finite energy {w.get('n_nonfinite_energy')}); "
+                  f"mirror images reflected back: {w.get('n_reflected')}"]
+    else:
+        lines.append(f"- {w['reason']}; mirror images reflected back: {w.get('n_reflected')}, mixed chirality: "
+                     f"{w.get('n_mixed_chirality')}")
+    lines += ["", f"Kinetics: {r['kinetics']['reason']}. Pathwise: {r['pathwise']['reason']}.", "", "## Cost", "",
+              f"- samples: {_fmt(r['cost']['samples']['samples_per_wall_s'])} conformations per wall-clock s, "
+              f"{_fmt(r['cost']['samples']['effective_samples_per_wall_s'])} effective (weighted) per s; training "
+              f"{_fmt(r['cost']['samples']['training_wall_clock_s'])} s (apart)",
+              f"- reference MD: {_fmt(r['cost']['reference'].get('ns_per_wall_s'))} ns per wall-clock s, ESS(φ) "
+              f"per s {_fmt(r['cost']['reference'].get('ess_per_s_phi'))} ({r['cost']['reference'].get('hardware')})"]
     if r["equal_cost"].get("note"):
         lines.append(f"- equal cost: {r['equal_cost']['note']}")
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]

@@ -32,8 +32,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    """Read a checkpoint safely; a missing, corrupt or foreign file raises InputError."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format: str = FORMAT,
+                    kind: str = "flow-map") -> dict[str, Any]:
+    """Read a checkpoint safely; a missing, corrupt or foreign file raises InputError.
+
+    ``expected_format``/``kind``: the ``format`` field the file must carry and its name in errors
+    (the Boltzmann sampler's checkpoints use ``"molflow-boltzmann"``; a payload's own ``format``
+    key overrides the default when saving)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such checkpoint: {path}")
@@ -42,8 +47,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     except Exception as exc:
         raise InputError(f"{path} is not a readable molflow checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise InputError(f"{path} is not a molflow flow-map checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != expected_format:
+        raise InputError(f"{path} is not a molflow {kind} checkpoint")
     for key in list(ck):
         if key.endswith("_json"):
             ck[key] = json.loads(ck[key])

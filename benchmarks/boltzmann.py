@@ -1,0 +1,273 @@
+"""Benchmark: the few-step Boltzmann sampler on alanine dipeptide (issue #5; not a test).
+
+Records (or reuses) training MD and an independent reference MD, trains a Boltzmann map
+(``molflow.train_boltzmann``), and for 1, 2, 4 and 10 map steps draws conformations without weights
+(many) and with exact Boltzmann weights (fewer: the float64 Jacobian costs ~63 map evaluations per
+sample and step), evaluates both with ``molflow.evaluate`` against the reference and reports ESS/N,
+JS(φ,ψ) and 2-D free-energy RMSE before/after reweighting, basin populations, invertibility and
+chirality counts, conformations (and effective conformations) per wall-clock second, and the same
+metrics for reference MD of equal cost (the reference shortened to what its engine made in the
+sampler's wall-clock) and for the noise floor (two reference halves). Also measured:
+
+- the η scan: ESS/N of path-conditional weights for the *exact* denoiser of a Gaussian-mixture toy
+  (2-D and 62-D with 20 stiff directions), so the only error is the SDE's noise (and the steps) —
+  the reason the default η is small (``BoltzmannConfig`` docstring);
+- one network vs two: parameters, map-step and Jacobian cost per sample (and, with
+  ``--compare-networks``, the sample quality of both trained at equal steps).
+
+Prints a table and writes JSON (hardware, versions, settings, every number).
+
+    OMP_NUM_THREADS=1 nice python benchmarks/boltzmann.py --size small --device cpu \\
+        --out benchmarks/results/boltzmann_cpu_small.json
+    # the GPU run (lent H100/H200):
+    python benchmarks/boltzmann.py --size full --device cuda --platform CUDA \\
+        --out benchmarks/results/boltzmann_gpu_full.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import molflow
+
+SIZES = {
+    # MD: training frames and the evaluation reference; training; samples per step count
+    "small": dict(train_replicas=2, train_ps=200.0, train_frame_fs=200.0, ref_replicas=2, ref_ps=400.0,
+                  train_steps=1500, batch_size=32, n_features=32, n_layers=2, n_unweighted=1000, n_weighted=32,
+                  eta_scan_samples=300, eta_scan_steps=32, workers=1),
+    "tiny": dict(train_replicas=1, train_ps=20.0, train_frame_fs=200.0, ref_replicas=2, ref_ps=20.0,
+                 train_steps=6, batch_size=8, n_features=8, n_layers=1, n_unweighted=16, n_weighted=4,
+                 eta_scan_samples=20, eta_scan_steps=4, workers=1),  # checks that the script runs
+    "full": dict(train_replicas=32, train_ps=1000.0, train_frame_fs=250.0, ref_replicas=64, ref_ps=2000.0,
+                 train_steps=20000, batch_size=256, n_features=64, n_layers=3, n_unweighted=100000,
+                 n_weighted=10000, eta_scan_samples=2000, eta_scan_steps=64, workers=None),
+}
+STEPS = (1, 2, 4, 10)
+ETAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0)
+
+
+def eta_scan(n: int, steps: int) -> list[dict]:
+    """ESS/N of exact path-conditional weights for the exact denoiser of a mixture toy, per η."""
+    from molflow.boltzmann.reweight import (boltzmann_log_weights, gaussian_log_density, jacobian_and_value,
+                                            kish_ess, logabsdet, self_normalise)
+    from molflow.boltzmann.toy import double_well_2d, draw_path, stiff_toy, toy_map
+
+    rows = []
+    for dim, stiff in ((2, 0), (62, 20)):
+        target = double_well_2d() if dim == 2 else stiff_toy(dim, stiff)
+        for eta in ETAS:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(0)
+            z, L, e = draw_path(n, steps, 3, dim, g)
+            jac, x = jacobian_and_value(toy_map(target, steps, eta), z, L, e, chunk=100)
+            lad, _ = logabsdet(jac)
+            lw, keep = boltzmann_log_weights(target.energy(x).numpy(), lad.numpy(), gaussian_log_density(z).numpy())
+            w = self_normalise(lw, keep)
+            rows.append({"dim": dim, "n_stiff": stiff, "eta": eta, "steps": steps, "n": n,
+                         "ess_fraction": kish_ess(w) / n, "var_log_w": float(np.var(lw[keep])),
+                         "wall_s": time.perf_counter() - t0})
+            print(f"  eta scan d={dim:3d} eta={eta:<5g} ESS/N {rows[-1]['ess_fraction']:.4f}", flush=True)
+    return rows
+
+
+def network_costs(system, n_features: int, n_layers: int, device: torch.device) -> list[dict]:
+    """Parameters, float32 map-step time and float64 Jacobian time per sample, one vs two networks."""
+    from molflow.boltzmann.model import BoltzmannConfig
+    from molflow.boltzmann.reweight import jacobian_and_value
+    from molflow.boltzmann.sampler import BoltzmannSampler
+    from molflow.boltzmann.training import build_map
+
+    rows = []
+    for nets in (1, 2):
+        torch.manual_seed(0)
+        model = build_map(system, 0.17, BoltzmannConfig(n_features=n_features, n_layers=n_layers, networks=nets))
+        bs = BoltzmannSampler(model.to(device), system)
+        g = torch.Generator(device=device).manual_seed(0)
+        B = 256 if device.type == "cpu" else 4096
+        eta, L, eps = bs._draw(B, 1, g)
+        t0 = time.perf_counter()
+        bs._positions(eta, L, eps, 1)
+        t_step = (time.perf_counter() - t0) / B
+        m64 = copy.deepcopy(bs.model).double().requires_grad_(False)
+        fn = bs._map_fn(m64, 1)
+        nj = 8 if device.type == "cpu" else 256
+        t0 = time.perf_counter()
+        jacobian_and_value(fn, eta[:nj].reshape(nj, -1), L[:nj], eps[:nj], chunk=4 if device.type == "cpu" else 64)
+        t_jac = (time.perf_counter() - t0) / nj
+        rows.append({"networks": nets, "parameters": sum(p.numel() for p in model.parameters()),
+                     "map_step_s_per_sample_float32": t_step, "jacobian_s_per_sample_step_float64": t_jac})
+        print(f"  networks={nets}: {rows[-1]['parameters']} parameters, map step {t_step * 1e3:.2f} ms/sample, "
+              f"Jacobian {t_jac:.3f} s/sample-step", flush=True)
+    return rows
+
+
+def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, device: str, label: str) -> list[dict]:
+    bs = molflow.BoltzmannSampler.load(model_path, device=device)
+    rows = []
+    for K in STEPS:
+        row = {"model": label, "steps": K}
+        for kind, n, rew in (("unweighted", z["n_unweighted"], False), ("reweighted", z["n_weighted"], True)):
+            conf = work / f"conf_{label}_{K}_{kind}.h5"
+            res = bs.sample(n, steps=K, seed=100 + K, reweight=rew, out=conf, overwrite=True, progress=True)
+            a = res["attrs"]
+            m = molflow.evaluate(reference, conf, work / f"report_{label}_{K}_{kind}", progress=False)
+            s = m["stationary"]
+            row[kind] = {
+                "n": n, "wall_clock_s": a["wall_clock_s"], "wall_clock_map_s": a["wall_clock_map_s"],
+                "wall_clock_reweight_s": a["wall_clock_reweight_s"], "wall_clock_energy_s": a["wall_clock_energy_s"],
+                "samples_per_s": n / a["wall_clock_s"],
+                "map_samples_per_s": n / a["wall_clock_map_s"] if a["wall_clock_map_s"] else None,
+                "js_phi_psi": s["js_phi_psi"], "fes_rmse_kj_mol_2d": s["fes_rmse_kj_mol"]["phi_psi"],
+                "fes_rmse_kj_mol_phi": s["fes_rmse_kj_mol"]["phi"], "energy_w1_kj_mol": s["energy_w1_kj_mol"],
+                "bond_w1_nm": s["bond_w1_nm"],
+                "basin_populations": {b: v["population"] for b, v in s["basin_populations"]["samples"].items()
+                                      if isinstance(v, dict)},
+                "n_reflected": a["n_reflected"], "n_mixed_chirality": a["n_mixed_chirality"],
+                "equal_cost_md": _md_row(m["equal_cost"]),
+            }
+            if rew:
+                sw = m["stationary_weighted"]
+                row[kind].update(
+                    ess=a["ess"], ess_fraction=a["ess_fraction"], n_invertibility_failures=a["n_invertibility_failures"],
+                    n_inverse_other_preimage=a["n_inverse_other_preimage"],
+                    n_inverse_not_converged=a["n_inverse_not_converged"], n_singular_jacobian=a["n_singular_jacobian"],
+                    max_weight=a["max_weight"], n_weight_zero=a["n_weight_zero"],
+                    n_wrong_chirality=a["n_wrong_chirality"], effective_samples_per_s=a["ess"] / a["wall_clock_s"],
+                    weighted={"js_phi_psi": sw.get("js_phi_psi"),
+                              "fes_rmse_kj_mol_2d": (sw.get("fes_rmse_kj_mol") or {}).get("phi_psi"),
+                              "energy_w1_kj_mol": sw.get("energy_w1_kj_mol"),
+                              "basin_populations": {b: v["population"] for b, v in
+                                                    ((sw.get("basin_populations") or {}).get("samples") or {}).items()
+                                                    if isinstance(v, dict)}})
+            else:
+                row["noise_floor"] = _md_row(m["noise_floor"])
+                row["reference_basin_populations"] = {
+                    b: v["population"] for b, v in s["basin_populations"]["reference"].items() if isinstance(v, dict)}
+                row["reference_md_ns_per_s"] = m["cost"]["reference"].get("ns_per_wall_s")
+        rows.append(row)
+        u, r = row["unweighted"], row["reweighted"]
+        print(f"  K={K:2d} JS {u['js_phi_psi']:.3f} (MD equal cost {_g(u['equal_cost_md'], 'js_phi_psi')}) "
+              f"| ESS/N {r['ess_fraction']:.3g} inv.fail {r['n_invertibility_failures']} "
+              f"| {u['samples_per_s']:.3g} conf/s, {r['samples_per_s']:.3g} weighted conf/s", flush=True)
+    return rows
+
+
+def _md_row(row: dict) -> dict | None:
+    s = (row or {}).get("stationary")
+    if not s:
+        return {"value": None, "reason": (row or {}).get("reason")}
+    return {"js_phi_psi": s["js_phi_psi"], "fes_rmse_kj_mol_2d": s["fes_rmse_kj_mol"]["phi_psi"],
+            "energy_w1_kj_mol": s["energy_w1_kj_mol"], "frames": row.get("frames"),
+            "simulated_ns": row.get("simulated_ns"), "note": row.get("note")}
+
+
+def _attr(path: Path, key: str):
+    with molflow.Trajectory(path) as t:
+        return t.attrs.get(key)
+
+
+def _g(d, k):
+    v = (d or {}).get(k)
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=list(SIZES), default="small")
+    ap.add_argument("--device", default="auto", help="torch device for training and sampling")
+    ap.add_argument("--platform", default="auto", help="OpenMM platform for the MD")
+    ap.add_argument("--train-data", help="reuse this training run")
+    ap.add_argument("--reference", help="reuse this reference run")
+    ap.add_argument("--model", help="reuse this trained checkpoint")
+    ap.add_argument("--compare-networks", action="store_true", help="also train and evaluate networks = 2")
+    ap.add_argument("--work", default="benchmark-boltzmann")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    z = dict(SIZES[args.size])
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    from molflow.sampling import device_description, resolve_device
+
+    dev = resolve_device(args.device)
+    timings = {}
+    train = Path(args.train_data) if args.train_data else work / "train.h5"
+    ref = Path(args.reference) if args.reference else work / "reference.h5"
+    t0 = time.perf_counter()
+    if not train.exists():
+        molflow.simulate("alanine_dipeptide", train, replicas=z["train_replicas"], time_ps=z["train_ps"],
+                         frame_fs=z["train_frame_fs"], n_coefficients=0, equilibrate_ps=10.0, seed=21,
+                         platform=args.platform, workers=z["workers"]).close()
+    if not ref.exists():
+        molflow.simulate("alanine_dipeptide", ref, replicas=z["ref_replicas"], time_ps=z["ref_ps"], frame_fs=1000.0,
+                         n_coefficients=0, equilibrate_ps=10.0, seed=22, platform=args.platform,
+                         workers=z["workers"]).close()
+    timings["md_s"] = time.perf_counter() - t0
+    system = molflow.load_system("alanine_dipeptide")
+    print("eta scan (exact denoiser, toy):", flush=True)
+    t0 = time.perf_counter()
+    scan = eta_scan(z["eta_scan_samples"], z["eta_scan_steps"])
+    timings["eta_scan_s"] = time.perf_counter() - t0
+    print("one network or two (cost):", flush=True)
+    costs = network_costs(system, z["n_features"], z["n_layers"], dev)
+    models = {"networks1": 1}
+    if args.compare_networks:
+        models["networks2"] = 2
+    results, train_info = [], {}
+    for label, nets in models.items():
+        path = Path(args.model) if (args.model and label == "networks1") else work / f"bg_{label}.pt"
+        t0 = time.perf_counter()
+        if not (args.model and label == "networks1"):
+            molflow.train_boltzmann("alanine_dipeptide", train, path, steps=z["train_steps"], device=str(dev), seed=1,
+                                    config=dict(n_features=z["n_features"], n_layers=z["n_layers"],
+                                                batch_size=z["batch_size"], networks=nets))
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        hist = json.loads(ck["history_json"])
+        train_info[label] = {"wall_s": time.perf_counter() - t0, "steps": int(ck["step"]),
+                             "training_wall_clock_s": ck.get("training_wall_clock_s"),
+                             "final_losses": {k: float(np.mean([h[k] for h in hist[-50:] if k in h]))
+                                              for k in ("dsm", "local", "semigroup") if any(k in h for h in hist[-50:])}}
+        print(f"{label}: trained {train_info[label]}", flush=True)
+        t0 = time.perf_counter()
+        results += evaluate_steps(path, ref, work, z, str(dev), label)
+        timings[f"sampling_evaluation_{label}_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    print(f"\n{'model':10s} {'K':>3s} {'JS unw':>7s} {'JS w':>7s} {'FES2d unw':>9s} {'FES2d w':>8s} {'JS MD eq':>8s} "
+          f"{'ESS/N':>8s} {'invfail':>7s} {'conf/s':>8s} {'w.conf/s':>8s}")
+    for r in results:
+        u, w = r["unweighted"], r["reweighted"]
+        print(f"{r['model']:10s} {r['steps']:3d} {u['js_phi_psi']:7.3f} {_g(w['weighted'], 'js_phi_psi'):>7s} "
+              f"{u['fes_rmse_kj_mol_2d'] or float('nan'):9.2f} {_g(w['weighted'], 'fes_rmse_kj_mol_2d'):>8s} "
+              f"{_g(u['equal_cost_md'], 'js_phi_psi'):>8s} {w['ess_fraction']:8.3g} {w['n_invertibility_failures']:7d} "
+              f"{u['samples_per_s']:8.3g} {w['samples_per_s']:8.3g}")
+    import h5py
+    import openmm
+
+    result = {
+        "benchmark": "boltzmann", "size": args.size, "system": "alanine_dipeptide",
+        "settings": {**z, "steps": list(STEPS), "etas": list(ETAS), "device": str(dev), "platform": args.platform,
+                     "train_data": str(train), "reference": str(ref), "torch_threads": torch.get_num_threads(),
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "hardware": {"sampler": device_description(dev),
+                     "reference_md": _attr(ref, "hardware")},
+        "versions": {"molflow": molflow.__version__, "torch": torch.__version__, "openmm": openmm.__version__,
+                     "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version()},
+        "training": train_info, "eta_scan": scan, "network_costs": costs, "results": results, "timings_s": timings,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out} ({timings['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

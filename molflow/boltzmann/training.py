@@ -1,0 +1,334 @@
+"""Training the Boltzmann map on reference MD frames (``molflow train-boltzmann``).
+
+    >>> molflow.train_boltzmann("alanine_dipeptide", data="run.h5", out="bg.pt", steps=4000)
+
+Frames of the run files are centred and scaled by one length s (their RMS per-coordinate spread);
+they are samples of the Boltzmann distribution, and the forward VP process turns them into samples of
+every marginal p_t exactly (y_t = α_t y_0 + σ_t ε), so no rollout is ever needed for training:
+
+1. **denoising score matching** (DSM): F(y_t, t) regresses σ_t y_0 - α_t ε (that is the denoiser
+   D = α y + σ F regressing y_0, weighted by 1/σ²), t uniform on [0, 1]; ``dsm_warmup_fraction`` of
+   the steps are DSM only (the other losses' teachers need a score);
+2. **local loss** (:func:`molflow.flowmap.local_loss`): on the finest grid (steps of 1/``fine_steps``),
+   target = ``local_substeps`` exponential-integrator steps of the SDE with the EMA model's own
+   score (:class:`~molflow.boltzmann.model.ScoreSolver`) on exactly split path coefficients
+   (:class:`~molflow.flowmap.ComposedFlowMap`) — the small-step target built from the same path
+   coefficients the map sees;
+3. **semigroup loss** (:func:`molflow.flowmap.semigroup_loss`): steps [j/K, (j+1)/K] of the K-step
+   grids the sampler uses (K from ``fine_steps``/2 down to 1 by curriculum), teacher = two EMA
+   half-steps on the halves of the path (exact split), student = one step; energy score.
+
+Scores are taken on the flattened positions y (unit scale) and divided by sqrt(3A), as the flow-map
+trainer does. ``networks = 2``: DSM trains the score network during the warm-up, which is then frozen
+(its EMA weights), and the correction network is trained by the local and semigroup losses alone.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..flowmap import ComposedFlowMap, local_loss, sample_coefficients_torch, semigroup_loss
+from ..seeding import random_seed
+from ..systems import MolecularSystem, load_system
+from ..training.checkpoint import save_checkpoint
+from .geometry import centre
+from .model import BoltzmannConfig, BoltzmannMap, ScoreSolver, pack
+
+FORMAT = "molflow-boltzmann"
+
+
+@dataclasses.dataclass
+class BoltzmannTrainConfig:
+    """Optimisation settings (``--config file.yaml`` sets them and BoltzmannConfig's; flags override)."""
+
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dsm_warmup_fraction: float = 0.3
+    fraction_dsm: float = 0.4  # after the warm-up (networks = 1; 0 for networks = 2)
+    fraction_local: float = 0.15
+    fraction_semigroup: float = 0.45
+    fine_steps: int = 64
+    local_substeps: int = 4
+    curriculum_fraction: float = 0.5  # of the post-warm-up steps, over which the coarsest grid goes 32 -> 1 steps
+    objective: str = "energy"
+    n_latent_samples: int = 2
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    skip_fraction: float = 0.1  # of each replica's first frames, left out
+    checkpoint_every: int = 500
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BoltzmannTrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {f.name for f in dataclasses.fields(BoltzmannConfig)}
+        if unknown:
+            raise InputError(f"unknown Boltzmann training setting(s) {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def load_frames(paths: Sequence[str | os.PathLike], system: MolecularSystem, skip_fraction: float = 0.1
+                ) -> np.ndarray:
+    """Centred positions (M, A, 3) nm of every frame of the run files (after ``skip_fraction``)."""
+    from ..trajectory import Trajectory
+
+    if not paths:
+        raise InputError("no training data: pass at least one --data file")
+    out = []
+    for p in paths:
+        with Trajectory(p) as t:
+            if t.attrs.get("fingerprint") != system.fingerprint:
+                raise InputError(f"{p} was made for {t.attrs.get('system')!r} with other settings "
+                                 f"(fingerprint {t.attrs.get('fingerprint')} vs {system.fingerprint})")
+            first = min(int(math.ceil(skip_fraction * t.n_frames)), max(t.n_frames - 1, 0))
+            x = np.asarray(t.positions[:, first:], dtype=np.float64)
+        out.append(x.reshape(-1, *x.shape[-2:]))
+    x = np.concatenate(out)
+    x = x[np.isfinite(x).all(axis=(1, 2))]
+    if len(x) < 2:
+        raise InputError("training needs at least 2 frames")
+    return centre(x)
+
+
+def pair_statistics(frames_nm: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (A, A) nm of the distances of bonded and 1-3 pairs over the frames (0 elsewhere)."""
+    near = (edges[..., 0] + edges[..., 1]) > 0  # graph distance 1 or 2
+    i, j = np.nonzero(near)
+    d = np.linalg.norm(frames_nm[:, i] - frames_nm[:, j], axis=-1)
+    mean = np.zeros(near.shape)
+    std = np.zeros(near.shape)
+    mean[i, j] = d.mean(0)
+    std[i, j] = np.maximum(d.std(0), 1e-4)
+    return mean, std
+
+
+def build_map(system: MolecularSystem, scale_nm: float, config: BoltzmannConfig,
+              frames_nm: np.ndarray | None = None) -> BoltzmannMap:
+    """A fresh map for ``system``; ``frames_nm`` (training frames) set its pair statistics (a loaded
+    checkpoint overwrites them with the recorded ones)."""
+    from ..models.molecular import atom_features
+
+    scal, edges = atom_features(system)
+    pm, ps = pair_statistics(frames_nm, edges) if frames_nm is not None else (None, None)
+    if pm is None:  # placeholders with the right mask (the checkpoint's buffers replace the values)
+        near = (edges[..., 0] + edges[..., 1]) > 0
+        pm, ps = near * 1.0, np.ones(near.shape)
+    return BoltzmannMap(scal, edges, scale_nm, config, pm, ps)
+
+
+def _y_features(z: torch.Tensor) -> torch.Tensor:
+    """Scoring-rule features: the positions of a packed state, flattened (the time row dropped)."""
+    return z[:, :-1].reshape(z.shape[0], -1)
+
+
+class BoltzmannTrainer:
+    """Model, EMA teacher, optimiser, data and random state; one optimiser step at a time."""
+
+    def __init__(self, system: MolecularSystem, frames_nm: np.ndarray, config: BoltzmannTrainConfig,
+                 map_config: BoltzmannConfig, device: torch.device, seed: int):
+        self.system, self.config, self.map_config, self.device, self.seed = system, config, map_config, device, seed
+        scale = float(np.sqrt((frames_nm ** 2).sum(axis=(1, 2)).mean() / (3 * (frames_nm.shape[1] - 1))))
+        self.scale_nm = scale
+        self.data = torch.as_tensor(frames_nm / scale, dtype=torch.float32, device=device)
+        torch.manual_seed(seed)
+        self.model = build_map(system, scale, map_config, frames_nm).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.step_count = 0
+        self.history: list[dict[str, float]] = []
+        self.fine = ComposedFlowMap(ScoreSolver(self.ema), config.local_substeps, map_config.n_coefficients,
+                                    (system.n_atoms, 3)).to(device)
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.config.dsm_warmup_fraction * self.config.steps))
+
+    def coarsest_steps(self) -> int:
+        """Fewest grid steps the curriculum allows now (fine_steps/2 -> 1 geometrically)."""
+        c = self.config
+        top = max(1, c.fine_steps // 2)
+        span = max(1, int(c.curriculum_fraction * (c.steps - self.warmup_steps)))
+        frac = min(1.0, max(0, self.step_count - self.warmup_steps) / span)
+        return max(1, int(round(top ** (1.0 - frac))))
+
+    def lr_factor(self) -> float:
+        c = self.config
+        warm = max(1, c.steps // 50)
+        if self.step_count < warm:
+            return (self.step_count + 1) / warm
+        return 0.55 + 0.45 * math.cos(math.pi * min(1.0, (self.step_count - warm) / max(1, c.steps - warm)))
+
+    # ------------------------------------------------------------------ items
+    def _noised(self, n: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.rng.integers(0, len(self.data), n), device=self.device)
+        y0 = self.data[idx]
+        eps = centre(torch.randn(y0.shape, generator=self.gen, device=self.device))
+        s = self.model.schedule
+        a = s.alpha(t.double()).float()[:, None, None]
+        sg = s.sigma(t.double()).float()[:, None, None]
+        return a * y0 + sg * eps, y0, eps
+
+    def dsm_loss(self, n: int) -> torch.Tensor:
+        t = torch.rand(n, generator=self.gen, device=self.device)
+        y, y0, eps = self._noised(n, t)
+        s = self.model.schedule
+        a = s.alpha(t.double()).float()[:, None, None]
+        sg = s.sigma(t.double()).float()[:, None, None]
+        f = self.model.score_output(y, t)
+        return ((f - (sg * y0 - a * eps)) ** 2).sum((1, 2)).mean() / (3 * (self.system.n_atoms - 1))
+
+    def _grid_items(self, n: int, K_lo: int, K_hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n steps [j/K, (j+1)/K], K log-uniform integer in [K_lo, K_hi]: (start t, tau)."""
+        K = np.round(np.exp(self.rng.uniform(np.log(K_lo), np.log(K_hi) + 1e-12, n))).astype(int).clip(K_lo, K_hi)
+        j = self.rng.integers(0, K)
+        return (torch.as_tensor(j / K, dtype=torch.float32, device=self.device),
+                torch.as_tensor(1.0 / K, dtype=torch.float32, device=self.device))
+
+    def _kw(self) -> dict[str, Any]:
+        c = self.config
+        return dict(latent_fn=self.model.latent_fn, objective=c.objective, n_latent=c.n_latent_samples,
+                    score_features=_y_features, tau_power=0.0, generator=self.gen)
+
+    def _coefficients(self, tau: torch.Tensor) -> torch.Tensor:
+        L = sample_coefficients_torch(tau, self.map_config.n_coefficients, (self.system.n_atoms, 3), self.gen)
+        return centre(L)
+
+    def local_loss(self, n: int) -> torch.Tensor:
+        K = self.config.fine_steps
+        t, tau = self._grid_items(n, K, K)
+        y, _, _ = self._noised(n, t)
+        z = pack(y, t)
+        L = self._coefficients(tau)
+        with torch.no_grad():
+            target = self.fine(z, L, self.fine.latent_fn(n, self.gen), tau)
+        loss, _ = local_loss(self.model, z, target, L, tau, **self._kw())
+        return loss / math.sqrt(3 * self.system.n_atoms)
+
+    def semigroup_loss(self, n: int) -> torch.Tensor:
+        t, tau = self._grid_items(n, self.coarsest_steps(), max(1, self.config.fine_steps // 2))
+        y, _, _ = self._noised(n, t)
+        z = pack(y, t)
+        loss, _ = semigroup_loss(self.model, self.ema, z, self._coefficients(tau), tau, **self._kw())
+        return loss / math.sqrt(3 * self.system.n_atoms)
+
+    # ------------------------------------------------------------------ a step
+    def _freeze_score(self) -> None:
+        """networks = 2, end of the warm-up: the score network takes its EMA weights and is frozen."""
+        self.model.score_net.load_state_dict(self.ema.score_net.state_dict())
+        self.model.score_net.requires_grad_(False)
+
+    def train_step(self) -> dict[str, float]:
+        c, B = self.config, self.config.batch_size
+        two = self.map_config.networks == 2
+        if two and self.step_count == self.warmup_steps:
+            self._freeze_score()
+        for g in self.opt.param_groups:
+            g["lr"] = c.lr * self.lr_factor()
+        self.model.train()
+        losses: dict[str, torch.Tensor] = {}
+        if self.step_count < self.warmup_steps:
+            losses["dsm"] = self.dsm_loss(B)
+            total = losses["dsm"]
+        else:
+            fr = {"dsm": 0.0 if two else c.fraction_dsm, "local": c.fraction_local, "semigroup": c.fraction_semigroup}
+            tot = sum(fr.values())
+            total = 0.0
+            for kind, f in fr.items():
+                n = int(round(f / tot * B))
+                if n < 1:
+                    continue
+                losses[kind] = getattr(self, f"{kind}_loss")(n)
+                total = total + (f / tot) * losses[kind]
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.lerp_(pm.detach(), 1.0 - c.ema_decay)
+        self.step_count += 1
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out.update(loss=float(total.detach()), grad_norm=float(gnorm), coarsest_steps=self.coarsest_steps(),
+                   lr=self.opt.param_groups[0]["lr"])
+        return out
+
+    # ------------------------------------------------------------------ checkpoint
+    def state(self, wall_s: float) -> dict[str, Any]:
+        s = self.system
+        return {
+            "format": FORMAT, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "step": self.step_count, "seed": self.seed,
+            "scale_nm": self.scale_nm, "n_frames": int(len(self.data)),
+            "map_config_json": self.map_config.to_dict(), "train_config_json": dataclasses.asdict(self.config),
+            "system_json": {"name": s.name, "pdb": s.pdb_text, "forcefield": list(s.forcefield_files),
+                            "temperature_K": s.temperature_K, "friction_per_ps": s.friction_per_ps,
+                            "timestep_fs": s.timestep_fs, "fingerprint": s.fingerprint},
+            "training_wall_clock_s": float(wall_s), "history_json": self.history,
+        }
+
+
+def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathLike] | str | os.PathLike,
+                    out: str | os.PathLike, steps: int | None = None, device: str = "auto",
+                    seed: int | None = None, config: BoltzmannTrainConfig | dict | None = None,
+                    progress: bool = True, **map_settings: Any) -> Path:
+    """Train a Boltzmann map on reference runs of ``system``; writes the checkpoint ``out``.
+
+    ``config``: a :class:`BoltzmannTrainConfig` or a dict of its fields and
+    :class:`~molflow.boltzmann.model.BoltzmannConfig`'s (``map_settings`` override the latter).
+    ``steps`` counts optimiser steps. The checkpoint (``torch.load(weights_only=True)``) carries
+    the model and its EMA copy, both configs, the scale, the system (PDB text, force field, settings,
+    fingerprint), the training history and wall-clock time: sampling needs nothing else.
+    """
+    from tqdm.auto import tqdm
+
+    from ..sampling import resolve_device
+
+    out = Path(out)
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    raw = config if isinstance(config, dict) else {}
+    cfg = config if isinstance(config, BoltzmannTrainConfig) else BoltzmannTrainConfig.from_dict(dict(raw))
+    if steps is not None:
+        cfg = dataclasses.replace(cfg, steps=int(steps))
+    if cfg.steps < 1:
+        raise InputError("--steps must be >= 1")
+    mcfg = BoltzmannConfig.from_dict({**raw, **map_settings})
+    mol = system if isinstance(system, MolecularSystem) else load_system(system)
+    frames = load_frames(paths, mol, cfg.skip_fraction)
+    dev = resolve_device(device)
+    seed = random_seed() if seed is None else int(seed)
+    trainer = BoltzmannTrainer(mol, frames, cfg, mcfg, dev, seed)
+    if progress:
+        n_par = sum(p.numel() for p in trainer.model.parameters())
+        print(f"molflow train-boltzmann: system={mol.name} seed={seed} device={dev} params={n_par} "
+              f"frames={len(frames)} scale={trainer.scale_nm:.4f} nm networks={mcfg.networks} eta={mcfg.eta}",
+              file=sys.stderr)
+    bar = tqdm(total=cfg.steps, disable=not progress, desc="train-boltzmann", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        while trainer.step_count < cfg.steps:
+            row = trainer.train_step()
+            row["step"] = trainer.step_count
+            trainer.history.append(row)
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{k} {row[k]:.3f}" for k in ("dsm", "local", "semigroup") if k in row)
+                                + f" K>={row['coarsest_steps']}")
+            if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == cfg.steps:
+                save_checkpoint(out, trainer.state(time.perf_counter() - t0))
+    finally:
+        bar.close()
+    return out

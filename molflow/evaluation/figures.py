@@ -1,4 +1,5 @@
-"""Figures (PNG, matplotlib with the Agg backend: no display needed)."""
+"""Figures (PNG files drawn on matplotlib ``Figure`` objects: no display, no backend switch, nothing
+registered with pyplot, so a Jupyter session's own plots keep working after ``molflow.evaluate``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +7,23 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
-    import matplotlib
+class _Figures:
+    """The two pyplot calls this module needs, on bare ``matplotlib.figure.Figure`` objects."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:  # not registered with pyplot: nothing to release
+        pass
+
+
+def _plt() -> _Figures:
+    return _Figures()
 
 
 def _save(fig, path: Path, paths: list[Path] | None = None, dpi: int = 110) -> Path:

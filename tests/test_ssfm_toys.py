@@ -450,7 +450,7 @@ OMEGA_B, TAU_B, H0_B = 2 * math.pi, 3.0, 3.0 / 8
 def _train_oscillator(objective, sde, frames, coeffs):
     torch.manual_seed(0)
     sampler = FM.TrajectoryDataSampler(frames, coeffs, H0_B)
-    model = FM.ToyFlowMap.for_sde(sde, 3, latent_dim=2, hidden=hidden, depth=depth, base="identity",
+    model = FM.ToyFlowMap.for_sde(sde, 3, latent_dim=2, hidden=64, depth=2, base="identity",
                                   state_scale=[1 / OMEGA_B, 1.0])
     cfg = FM.SSFMConfig(objective=objective, h0=H0_B, tau_min=TAU_B, tau_max=TAU_B, steps=800, batch_size=256,
                         lr=5e-3, fractions={"direct": 1.0}, seed=0)

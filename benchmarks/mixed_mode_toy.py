@@ -65,20 +65,20 @@ harmonic modes; variance / theory in mode coordinates):
   (2000 steps: 0.298).
 
 Barrier kinetics — under-training, not the objective (session 4, τ = 0.5, whitened_crps, this
-data): the map first settles on a *linear-Gaussian* plateau — the linear skip's best linear jump,
-the well coordinate's next value linear in its start with a constant spread 0.41 (data: mean
-pulled back into the well, spread 0.56 at the barrier down to 0.20 at the wall) — whose one-jump
-sign-change probability from stationary starts is 0.062-0.067 (data 0.036), ≈ 4× fine's switch
-rate over a rollout.  The training loss sits near 2.0 until ≈ 5000 steps, then falls to 1.6 by
-≈ 9000 as the MLP learns the nonlinear, start-dependent law (probe every 1000 steps: one-jump flip
-0.065-0.069 up to step 5000, 0.056/0.050/0.043/0.036 at steps 6000-9000); 3000 steps (the old small
-size) and 8000 steps stay on the plateau (rollout switch 4.2×), 3000 steps at lr 3e-3 too (3.8×);
-12000 steps: one-jump flip 0.042, rollout switch 0.93× fine; 15000 steps: 0.038 and 1.00×, every
-mode within 4.3%.  So the small size now trains 15000 steps.  τ = 2 (one map, one evaluation per
-jump) stays on its plateau at this size: 15000 steps 1.84×, 30000 steps 1.76×, lr 2e-3 1.88×,
-m = 8 1.82×, hidden 256 1.89×, warm start from a trained τ = 0.5 map 1.87× — the one-jump law at
-τ = 2 depends on the start's momentum and the coefficients, not only on q_well; what works at this
-size is τ = 2 as 4 jumps of the τ = 0.5 map (``whitened_crps_k4``, 4 evaluations per jump).
+data).  The map first settles on a *linear-Gaussian* plateau: the linear skip's best linear jump
+plus constant noise, whose one-jump sign-change probability of q_well from recorded starts is
+≈ 0.066 against 0.041 in the data (trained 15000 steps: 0.039), and whose rollouts switch wells ≈ 4× too often.
+``--probe-every 1000`` logs that probability during training
+(benchmarks/results/mixed_mode_toy_cpu_small_probe.json): 0.065-0.068 up to step 5000 while the
+loss sits near 2.0, then 0.058/0.052/0.042/0.040 at steps 6000-9000 as the loss falls to 1.6 and
+the MLP learns the nonlinear, start-dependent law; 0.038-0.039 from step 10000 on.  Rollout
+switch rate / fine by training length (``--steps``): 3000 (the old small size) 4.3×, 8000 4.2×,
+3000 at ``--lr 3e-3`` 3.8×, 12000 0.93×, 15000 1.00× — so the small size now trains 15000 steps.
+τ = 2 with one evaluation per jump stays on its plateau at this size: 15000 steps 1.84×,
+``--steps 30000`` 1.76×, ``--lr 2e-3`` 1.88×, ``--hidden 256`` 1.89×; two ad-hoc probes outside
+this script (m = 8 with the CRPS term 1.82×, warm start from the trained τ = 0.5 map 1.87×) agree.
+What works at this size is τ = 2 as 4 jumps of the τ = 0.5 map (``whitened_crps_k4``, 4
+evaluations per jump).
 
 Table, default objective and measured sizes: see NOTES below and
 benchmarks/results/mixed_mode_toy_cpu_small.json.
@@ -316,6 +316,25 @@ def evaluate(toy, net, starts, tau, size, seed, dev):
     return stats
 
 
+@torch.no_grad()
+def one_jump_flip(toy, net, frames, tau, n=8000, seed=9):
+    """Sign-change probability of q_well over one jump of ``tau`` from ``n`` recorded start frames
+    (fixed by ``seed``): (data — the recorded frame τ later, model — one sample-mode jump with
+    fresh coefficients and latent).  The plateau diagnostic of the module docstring."""
+    nd, k = toy.n_dof, int(round(tau / REC))
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, frames.shape[0], (n,), generator=g)
+    f = torch.randint(0, frames.shape[1] - k, (n,), generator=g)
+    z0, z1 = frames[r, f], frames[r, f + k]
+    dev = next(net.parameters()).device
+    t = torch.full((n,), tau, device=dev)
+    zm = net(z0.float().to(dev), FM.sample_coefficients_torch(t, N_COEF, (nd,), g.manual_seed(seed + 1)).to(dev),
+             net.latent_fn(n, torch.Generator(device=dev).manual_seed(seed + 2)), t).cpu()
+    q = lambda z: toy.info["to_modes"](z.double())[:, nd - 1]  # noqa: E731
+    flip = lambda a, b: (torch.sign(q(a)) != torch.sign(q(b))).double().mean().item()  # noqa: E731
+    return flip(z0, z1), flip(z0, zm)
+
+
 def run_objective(name, toy, frames, coeffs, starts, size, args, dev):
     """Train (per τ with --training direct, once with --training ssfm) and roll out at both τ."""
     st = dict(OBJECTIVES[name])
@@ -343,14 +362,25 @@ def run_objective(name, toy, frames, coeffs, starts, size, args, dev):
                             tau_max=tau_max, steps=size["steps"], batch_size=size["batch"], lr=args.lr,
                             lr_final_fraction=args.lr_final, ema_decay=args.ema, fractions=fractions,
                             curriculum_fraction=args.curriculum if len(plans) == 1 else 0.0, seed=args.seed,
-                            log_every=max(1, size["steps"] // 6),
+                            log_every=args.probe_every or max(1, size["steps"] // 6),
                             dyadic=False)  # τ = 0.5 or 2 is not h0·2^j for h0 = 0.04
-        res = FM.train_ssfm(model, sampler, cfg, latent_fn=model.latent_fn, score_features=feats,
-                            callback=lambda s, r: print(f"  [{name} {key}] step {s} loss {r['loss']:.4f}",
-                                                        file=sys.stderr, flush=True))
+        probe = []  # (step, one-jump flip of the raw weights) with --probe-every, direct training only
+
+        def callback(step, rec, key=key, model=model):
+            msg = f"  [{name} {key}] step {step} loss {rec['loss']:.4f}"
+            if args.probe_every and args.training == "direct":
+                probe.append((step, one_jump_flip(toy, model, frames, float(key))[1]))
+                msg += f" one-jump flip {probe[-1][1]:.4f}"
+            print(msg, file=sys.stderr, flush=True)
+
+        res = FM.train_ssfm(model, sampler, cfg, latent_fn=model.latent_fn, score_features=feats, callback=callback)
         out.setdefault("train", {})[key] = {
             "config": {kk: v for kk, v in cfg.to_dict().items() if kk != "log_every"},
             "train_wall_s": res["wall_s"], "loss_history": [(h["step"], h["loss"]) for h in res["history"]]}
+        if args.training == "direct":
+            data_flip, model_flip = one_jump_flip(toy, res["ema"].model, frames, float(key))
+            out["train"][key].update(one_jump_flip_data=data_flip, one_jump_flip_model=model_flip,
+                                     one_jump_flip_by_step=probe)
         for tau in TAUS:
             if kt > 1 and tau == TAUS[0] * kt:  # the longer τ: k jumps of the map trained at TAUS[0]
                 composed = FM.ComposedFlowMap(res["ema"].model, kt, N_COEF, (toy.n_dof,)).to(dev)
@@ -401,6 +431,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ema", type=float, default=0.995, help="EMA decay (the EMA copy is rolled out)")
     ap.add_argument("--curriculum", type=float, default=0.4, help="share of steps over which τ grows to 2")
     ap.add_argument("--also-raw", action="store_true", help="also roll out the raw (non-EMA) weights")
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="log (and write) the raw weights' one-jump q_well sign-change probability every this "
+                         "many steps (the plateau diagnostic; --training direct)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

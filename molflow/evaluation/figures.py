@@ -85,7 +85,8 @@ def evaluation_figures(ref, smp, result: dict, system, out_dir: Path) -> list[Pa
         ax.set_title(f"{title}: F (kJ/mol)")
         fig.colorbar(im, ax=ax)
     diff = f_s - f_ref
-    diff -= np.nanmean(diff)
+    if np.isfinite(diff).any():  # no common bin (e.g. disjoint distributions): nothing to centre
+        diff -= np.nanmean(diff)
     lim = np.nanpercentile(np.abs(diff), 95) if np.isfinite(diff).any() else 1.0
     im = axes[2].pcolormesh(edges, edges, np.ma.masked_invalid(diff).T, cmap="RdBu_r", vmin=-lim, vmax=lim)
     axes[2].set_title("samples - reference (kJ/mol)")

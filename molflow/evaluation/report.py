@@ -3,11 +3,30 @@
     >>> molflow.evaluate("ref.h5", "samples.h5", "report/")
 
 Writes ``report/metrics.json`` (nested, snake_case, units in names), ``report/report.md`` and PNG
-figures. Conventions (DESIGN.md section 7) are stated in both. Three rows share the same keys:
-the samples against the reference; ``equal_cost`` — the reference shortened to the simulated time
-its engine made in the sampler's wall-clock — against the full reference; ``noise_floor`` — two
-independent halves of the reference against each other. A number the data cannot estimate is
-``null`` with its reason beside it.
+figures. Conventions (DESIGN.md section 7) are stated in both, with the dihedral atoms actually used.
+
+**Rows, and what each is judged against.** The reference is split once (``reference_split`` in
+metrics.json, stated in report.md): with two or more replicas, whole replicas are held out — H the
+first R // 2 evaluated replicas, the judge J the others; with one replica (fallback) H is its first
+and J its second time half, independent only as far as each half is much longer than the slowest
+correlation time. Every row's stationary metrics are taken against the same J, so the rows are
+comparable and none contains the data it is judged against:
+
+- the main row: the samples against J (J, not the whole reference: judged against more data than
+  the calibration rows, the sampler would get a less noisy judge than they do);
+- ``equal_cost``: the first frames of H holding the simulated time the reference engine made in
+  the sampler's wall-clock (spread over H's replicas; all of H when the wall-clock buys more, and
+  then the row equals the noise floor), against J;
+- ``noise_floor``: all of H against J.
+
+``stationary_vs_whole_reference`` gives the samples against the whole reference, for information
+(not comparable with the two calibration rows). Kinetics are reported side by side, not as a
+distance: the main row's ``kinetics.reference`` is the whole reference, the calibration rows' is J.
+``js_phi_psi_se`` is a block-bootstrap standard error. A samples file that did not finish (every
+replica stopped by the sampler's guard, or fewer frames than planned) is flagged at the top of
+report.md and in ``run_status`` (``reference_run_status`` for the reference); its counts and the
+evaluated replicas x frames come from the same arrays (:func:`run_status`). A number the data
+cannot estimate is ``null`` with its reason beside it.
 """
 from __future__ import annotations
 
@@ -28,15 +47,33 @@ from .dihedrals import dihedral_angles
 MAX_STRUCTURE_FRAMES = 4000  # frames (over all replicas) used for bond/energy distributions
 CONVENTIONS = {
     "dihedrals": "central residue phi/psi from the topology (alanine dipeptide: (4,6,8,14), (6,8,14,16), 0-based)",
-    "js": "Jensen-Shannon divergence of (phi, psi), 64x64 bins on [-pi, pi]^2, natural log, divergence not root",
+    "js": "Jensen-Shannon divergence of (phi, psi), 64x64 bins on [-pi, pi]^2, natural log, divergence not root; "
+          "js_phi_psi_se: block-bootstrap standard error (about 20 contiguous time blocks per run, both runs "
+          "resampled, 200 draws)",
     "free_energy": "F = -kT ln p on the same grid; RMSE (kJ/mol) over bins populated in the reference after "
                    "removing the best constant offset",
     "kinetics": "core-set transitions of phi (beta/alphaR core -150..-30 deg <-> alphaL/C7ax core 30..100 deg) "
                 "with hysteresis; MSM implied timescales on a 6x6 (phi, psi) grid at lags that are multiples of the "
                 "samples' tau (frame interval for MD); Chapman-Kolmogorov: one 2tau estimate vs two tau steps",
-    "rows": "equal_cost = reference shortened to the simulated time its engine made in the sampler's wall-clock; "
-            "noise_floor = two independent halves of the reference",
+    "rows": "the reference is split into a held-out part H and a judge part J (see reference_split); every row's "
+            "stationary metrics are taken against J: samples vs J; equal_cost = the first frames of H holding the "
+            "simulated time the reference engine made in the sampler's wall-clock, vs J; noise_floor = all of H vs J",
 }
+
+
+def conventions(system) -> dict[str, str]:
+    """:data:`CONVENTIONS`, with the dihedral atoms actually used for ``system`` named."""
+    phi_q, psi_q = system.central_dihedrals()
+    atoms = list(system.topology.atoms())
+
+    def name(q):
+        return "-".join(f"{atoms[i].residue.name}{atoms[i].residue.index + 1}:{atoms[i].name}" for i in q)
+
+    res = atoms[int(phi_q[2])].residue
+    return {**CONVENTIONS, "dihedrals": (
+        f"central residue {res.name}{res.index + 1} of {system.name} from the topology: phi = atoms "
+        f"{tuple(int(i) for i in phi_q)} ({name(phi_q)}), psi = atoms {tuple(int(i) for i in psi_q)} "
+        f"({name(psi_q)}), 0-based")}
 
 
 @dataclasses.dataclass
@@ -100,27 +137,91 @@ def load_run(path: str | os.PathLike, system, label: str) -> RunData:
         attrs = t.attrs
         dt = t.frame_interval_ps
     phi, psi = np.concatenate(phis, 1), np.concatenate(psis, 1)
-    finite = np.isfinite(phi) & np.isfinite(psi)
-    if not finite.all():  # a sampler stopped some replicas (their later frames are NaN)
-        whole = finite.all(1)
-        if whole.any():
-            keep = np.nonzero(whole)[0]
-            attrs["evaluation_note"] = (f"{len(phi) - len(keep)} of {len(phi)} replicas stopped by the sampler's "
-                                        "explosion guard are left out")
-            phi, psi, pos, t_kin = phi[keep], psi[keep], pos[keep], t_kin[keep]
-            energies = None if energies is None else energies[keep]
-        else:
-            n = int(np.argmin(finite.all(0)))  # the first frame at which some replica has stopped
-            if n < 2:
-                raise InputError(f"{path}: every replica stopped within its first jump; nothing to evaluate")
-            attrs["evaluation_note"] = f"every replica stopped at some point: frames 0..{n - 1} are used"
-            phi, psi = phi[:, :n], psi[:, :n]
-            sel = idx < n
-            idx, pos, t_kin = idx[sel], pos[:, sel], t_kin[:, sel]
-            energies = None if energies is None else energies[:, sel]
+    status = run_status(phi, psi, attrs, dt)
+    keep = np.asarray(status["replicas_evaluated"], dtype=int)
+    n = status["n_frames_evaluated"]
+    if len(keep) == 0 or n < 2:
+        raise InputError(f"{path}: {status['note']}; nothing to evaluate")
+    if status["note"]:
+        attrs["evaluation_note"] = status["note"]
+    attrs["run_status"] = status
+    if len(keep) < len(phi) or n < phi.shape[1]:
+        sel = idx < n
+        phi, psi = phi[keep, :n], psi[keep, :n]
+        idx, pos, t_kin = idx[sel], pos[keep][:, sel], t_kin[keep][:, sel]
+        energies = None if energies is None else energies[keep][:, sel]
     if energies is None:  # sampled runs carry no energies: recompute them with OpenMM
         energies = _energies(system, pos)
     return RunData(label, phi, psi, dt, pos, energies, idx, attrs, t_kin)
+
+
+def run_status(phi: np.ndarray, psi: np.ndarray, attrs: dict[str, Any], dt_ps: float) -> dict[str, Any]:
+    """Whether a run file is complete, and which replicas x frames are evaluated (one set of arrays).
+
+    ``phi``, ``psi`` (R, F) as read from the file; ``attrs`` the file's attributes (a sampler's
+    ``n_jumps_requested``, ``stopped_at_jump``; MD's ``time_ps_requested``). Every count in the
+    returned dict and in its ``note`` comes from the same arrays: ``first_nonfinite`` (per replica,
+    the first frame with a non-finite angle, F when none) decides what is evaluated — the replicas
+    complete over the frames present, or, when none is, every replica up to the first non-finite
+    frame of any — and ``stopped_at_jump`` (1-based jump, -1 never) says which replicas the
+    sampler's guard stopped (one stopped at jump j has frames 0..j-1; the frame of the jump that
+    stopped the last replica is never written, so that replica can be complete over the frames
+    present). ``status``: ``complete``; ``replicas_stopped`` (some replicas stopped, the run
+    finished); ``incomplete`` (fewer frames than planned: killed, resumable); ``aborted`` (every
+    replica stopped: the sampler ended the run).
+    """
+    R, F = phi.shape
+    finite = np.isfinite(phi) & np.isfinite(psi)
+    first_bad = np.where(finite.all(1), F, np.argmin(finite, axis=1))
+    raw = attrs.get("stopped_at_jump")
+    stopped_at = np.asarray([-1] * R if raw is None else raw, dtype=np.int64).reshape(-1)
+    if stopped_at.shape != (R,):
+        stopped_at = np.full(R, -1, dtype=np.int64)
+    stopped = stopped_at >= 0
+    planned_jumps = attrs.get("n_jumps_requested")
+    if planned_jumps is None and attrs.get("time_ps_requested") and dt_ps > 0:
+        planned_jumps = int(round(float(attrs["time_ps_requested"]) / dt_ps))
+    planned_jumps = None if planned_jumps is None else int(planned_jumps)
+    whole = first_bad == F
+    if whole.any():
+        keep, n = np.nonzero(whole)[0], F
+    else:
+        keep, n = np.arange(R), int(first_bad.min())
+    if stopped.all() and R > 0:
+        state = "aborted"
+    elif planned_jumps is not None and F - 1 < planned_jumps:
+        state = "incomplete"
+    elif stopped.any() or not whole.all():
+        state = "replicas_stopped"
+    else:
+        state = "complete"
+    parts = []
+    if state == "aborted":
+        parts.append(f"ABORTED RUN: the sampler's guard stopped every replica ({int(stopped.sum())} of {R}), "
+                     f"the last at jump {int(stopped_at.max())}")
+    elif stopped.any():
+        parts.append(f"{int(stopped.sum())} of {R} replicas stopped by the sampler's guard")
+    if planned_jumps is not None and F - 1 < planned_jumps:
+        parts.append(f"the file holds {F} frames ({F - 1} of the {planned_jumps} jumps/intervals planned)")
+    if stopped.any():
+        parts.append("stopped at jump " + ", ".join(f"{int(j)} (replica {i})" for i, j in enumerate(stopped_at) if j >= 0))
+    late = stopped & (stopped_at >= F)
+    if late.any():
+        parts.append(f"{int(late.sum())} stopped replica(s) stopped at a jump whose frame was never written, so "
+                     "they are complete over the frames present")
+    left = R - len(keep)
+    if left or n < F:
+        what = f"{left} replica(s) with non-finite frames left out" if left else \
+            f"every replica has non-finite frames: frames 0..{n - 1} are used"
+        parts.append(what)
+    note = ""
+    if parts or state != "complete":
+        note = "; ".join(parts) + f". Evaluated: {len(keep)} replica(s) x {n} frames"
+    return {"status": state, "n_replicas": R, "n_frames": F, "n_jumps_present": F - 1,
+            "n_jumps_planned": planned_jumps, "n_stopped": int(stopped.sum()),
+            "stopped_at_jump": stopped_at.tolist(), "first_nonfinite_frame": first_bad.tolist(),
+            "replicas_evaluated": keep.tolist(), "n_replicas_evaluated": int(len(keep)),
+            "n_frames_evaluated": int(n), "note": note}
 
 
 def _energies(system, positions: np.ndarray) -> np.ndarray:
@@ -141,6 +242,8 @@ def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
     p = M.phi_psi_histogram(cand.phi.ravel(), cand.psi.ravel())
     out = {
         "js_phi_psi": M.js_divergence(p_ref, p),
+        "js_phi_psi_se": M.js_block_bootstrap_se(M.phi_psi_block_histograms(ref.phi, ref.psi),
+                                                 M.phi_psi_block_histograms(cand.phi, cand.psi)),
         "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), cand.phi.ravel(), kT),
                             "psi": M.fes_rmse_1d(ref.psi.ravel(), cand.psi.ravel(), kT),
                             "phi_psi": M.fes_rmse(p_ref, p, kT, n_samples=n)},
@@ -200,10 +303,14 @@ def _cost(run: RunData) -> dict[str, Any]:
             "simulated_ns": run.simulated_ns, "hardware": run.attrs.get("hardware")}
 
 
-def _row(ref: RunData, cand: RunData, system, tau_ps: float) -> dict[str, Any]:
-    return {"stationary": _stationary(ref, cand, system),
-            "kinetics": {"reference": _kinetics(ref, tau_ps), "samples": _kinetics(cand, tau_ps)},
-            "cost": {"reference": _cost(ref), "samples": _cost(cand)}}
+def _row(judge: RunData, cand: RunData, system, tau_ps: float, whole: RunData | None = None,
+         judge_kinetics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stationary metrics of ``cand`` against ``judge``; kinetics of both side by side; cost of the
+    whole reference (``whole``, default ``judge``) and of ``cand``."""
+    return {"stationary": _stationary(judge, cand, system),
+            "kinetics": {"reference": judge_kinetics if judge_kinetics is not None else _kinetics(judge, tau_ps),
+                         "samples": _kinetics(cand, tau_ps)},
+            "cost": {"reference": _cost(whole if whole is not None else judge), "samples": _cost(cand)}}
 
 
 def _pathwise(reference, samples, ref: RunData, smp: RunData, system, tau_ps: float) -> dict[str, Any]:
@@ -238,28 +345,66 @@ def _pathwise(reference, samples, ref: RunData, smp: RunData, system, tau_ps: fl
     return out
 
 
-def _split_halves(ref: RunData) -> tuple[RunData, RunData]:
+@dataclasses.dataclass
+class ReferenceSplit:
+    """The reference cut into a held-out part (for the equal-cost and noise-floor rows) and a judge."""
+
+    held_out: RunData
+    judge: RunData
+    construction: str  # "replicas" or "time_halves"
+    description: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"construction": self.construction, "description": self.description,
+                "held_out": {"n_replicas": self.held_out.phi.shape[0], "n_frames": self.held_out.phi.shape[1],
+                             "simulated_ns": self.held_out.simulated_ns},
+                "judge": {"n_replicas": self.judge.phi.shape[0], "n_frames": self.judge.phi.shape[1],
+                          "simulated_ns": self.judge.simulated_ns}}
+
+
+def split_reference(ref: RunData) -> ReferenceSplit:
+    """Whole replicas held out when there are >= 2 (the first R // 2 are H, the others the judge J);
+    with one replica, time halves (H the first half, J the second: independent only as far as the
+    halves are much longer than the slowest correlation time)."""
     R, F = ref.phi.shape
     if R >= 2:
         h = R // 2
-        return ref.subset(slice(0, h), label="reference half A"), ref.subset(slice(h, 2 * h), label="reference half B")
+        return ReferenceSplit(
+            ref.subset(slice(0, h), label="reference, held-out replicas"),
+            ref.subset(slice(h, R), label="reference, judge replicas"), "replicas",
+            f"independent replicas: held out H = evaluated replicas 0..{h - 1} ({h} of {R}), judge J = replicas "
+            f"{h}..{R - 1} ({R - h})")
     h = F // 2
-    return ref.subset(frames=slice(0, h), label="reference half A"), ref.subset(frames=slice(h, 2 * h), label="reference half B")
+    return ReferenceSplit(
+        ref.subset(frames=slice(0, h), label="reference, first half"),
+        ref.subset(frames=slice(h, F), label="reference, second half"), "time_halves",
+        f"one replica, so time halves (fallback): held out H = frames 0..{h - 1}, judge J = frames {h}..{F - 1}; "
+        "the halves are independent only where each is much longer than the slowest correlation time")
 
 
-def _equal_cost(ref: RunData, samples: RunData) -> tuple[RunData | None, str]:
+def _equal_cost(ref: RunData, samples: RunData, split: ReferenceSplit) -> tuple[RunData | None, str]:
+    """The first frames of the held-out replicas holding the simulated time the reference engine made in
+    the sampler's wall-clock (spread over H's replicas), or None with the reason."""
     w_ref, w_s = ref.attrs.get("wall_clock_s"), samples.attrs.get("wall_clock_s")
     if not w_ref or not w_s:
         return None, "no wall_clock_s attribute in one of the files"
     ns = ref.simulated_ns / w_ref * w_s  # what the reference engine made in the sampler's wall-clock
-    R, F = ref.phi.shape
-    frames = int(ns * 1000.0 / (R * ref.dt_ps)) + 1
-    note = ""
+    held = split.held_out
+    R, F = held.phi.shape
+    frames = int(ns * 1000.0 / (R * held.dt_ps)) + 1
+    notes = []
     if ref.attrs.get("hardware") != samples.attrs.get("hardware"):
-        note = f"different hardware: reference on {ref.attrs.get('hardware')}, samples on {samples.attrs.get('hardware')}"
+        notes.append(f"different hardware: reference on {ref.attrs.get('hardware')}, samples on "
+                     f"{samples.attrs.get('hardware')}")
     if frames < 2:
-        return None, f"the sampler's wall-clock buys less than one reference frame ({ns:.3g} ns). {note}"
-    return ref.subset(frames=slice(0, min(frames, F)), label=f"reference, first {min(frames, F)} frames"), note
+        return None, " ".join([f"the sampler's wall-clock buys less than one reference frame ({ns:.3g} ns)."] + notes)
+    if frames >= F:
+        notes.insert(0, f"the sampler's wall-clock buys {ns:.3g} ns, at least all of the held-out part "
+                        f"({held.simulated_ns:.3g} ns): this row uses all of it and equals the noise floor")
+    n = min(frames, F)
+    short = held.subset(frames=slice(0, n), label=f"held-out reference, first {n} frames")
+    return short, "; ".join([f"first {n} frames of the held-out part ({R} x {n} frames, "
+                             f"{short.simulated_ns:.3g} ns) against the judge part"] + notes)
 
 
 def evaluate(reference: str | os.PathLike, samples: str | os.PathLike, report: str | os.PathLike,
@@ -283,18 +428,28 @@ def evaluate(reference: str | os.PathLike, samples: str | os.PathLike, report: s
     ref = load_run(reference, system, "reference")
     smp = load_run(samples, system, "samples")
     tau_ps = float(smp.attrs.get("tau_ps") or smp.dt_ps)
-    result: dict[str, Any] = {"conventions": CONVENTIONS, "system": system.name, "tau_ps": tau_ps,
-                              "reference": _describe(reference, ref), "samples": _describe(samples, smp)}
-    main = _row(ref, smp, system, tau_ps)
+    split = split_reference(ref)
+    result: dict[str, Any] = {"conventions": conventions(system), "system": system.name, "tau_ps": tau_ps,
+                              "reference": _describe(reference, ref), "samples": _describe(samples, smp),
+                              "run_status": smp.attrs.get("run_status"),
+                              "reference_run_status": ref.attrs.get("run_status"),
+                              "reference_split": split.describe()}
+    judge_kin = _kinetics(split.judge, tau_ps)
+    # kinetics are shown side by side, not as a distance: the main row shows the whole reference's
+    main = _row(split.judge, smp, system, tau_ps, whole=ref, judge_kinetics=_kinetics(ref, tau_ps))
     result.update(main)
+    # for information only: against the whole reference (not comparable with the two rows below)
+    result["stationary_vs_whole_reference"] = _stationary(ref, smp, system)
     result["pathwise"] = _pathwise(reference, samples, ref, smp, system, tau_ps)
-    short, note = _equal_cost(ref, smp)
+    short, note = _equal_cost(ref, smp, split)
     if short is None:
         result["equal_cost"] = {"value": None, "reason": note}
     else:
-        result["equal_cost"] = {**_row(ref, short, system, tau_ps), "note": note, "frames": short.phi.shape[1]}
-    a, b = _split_halves(ref)
-    result["noise_floor"] = _row(a, b, system, tau_ps)
+        result["equal_cost"] = {**_row(split.judge, short, system, tau_ps, whole=ref, judge_kinetics=judge_kin),
+                                "note": note, "frames": short.phi.shape[1], "n_replicas": short.phi.shape[0],
+                                "simulated_ns": short.simulated_ns, "construction": split.construction}
+    result["noise_floor"] = {**_row(split.judge, split.held_out, system, tau_ps, whole=ref, judge_kinetics=judge_kin),
+                             "construction": split.construction, "note": split.description}
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     figures = evaluation_figures(ref, smp, result, system, out_dir)
     (out_dir / "report.md").write_text(_markdown(result, figures))
@@ -308,6 +463,11 @@ def _describe(path, run: RunData) -> dict[str, Any]:
     for key in ("mode", "pathwise", "n_restarts", "n_stopped", "evaluation_note"):
         if key in run.attrs:
             out[key] = run.attrs[key]
+    st = run.attrs.get("run_status")
+    if st:  # the counts of the note and of the rows come from the same arrays
+        out["n_stopped"] = st["n_stopped"]
+        out.update(status=st["status"], n_replicas_in_file=st["n_replicas"], n_frames_in_file=st["n_frames"],
+                   n_jumps_planned=st["n_jumps_planned"])
     return out
 
 
@@ -333,19 +493,41 @@ def _fmt(v, digits=3) -> str:
     return str(v)
 
 
+def _status_banner(st: dict[str, Any] | None, what: str) -> list[str]:
+    """The lines at the top of report.md for a run that is not complete (empty when it is)."""
+    if not st or st.get("status") == "complete":
+        return []
+    head = {"aborted": "**WARNING: aborted run.**", "incomplete": "**WARNING: incomplete run.**",
+            "replicas_stopped": "**Note: some replicas stopped.**"}[st["status"]]
+    return [f"> {head} {what}: {st['note']}.", ""]
+
+
+def _split_lines(r: dict[str, Any]) -> list[str]:
+    sp = r["reference_split"]
+    return [f"Rows: every row is judged against the same part J of the reference. Construction: **{sp['construction']}** "
+            f"— {sp['description']}. Equal cost = the first frames of H holding the simulated time the reference "
+            "engine made in the sampler's wall-clock; noise floor = all of H against J. Neither row contains data "
+            "it is judged against. For information, the samples against the whole reference: JS(φ,ψ) "
+            f"{_fmt(r.get('stationary_vs_whole_reference', {}).get('js_phi_psi'))} (not comparable with the rows "
+            "below, whose judge is J).", ""]
+
+
 def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
-    rows = [("samples vs reference", r), ("equal-cost reference vs reference", r["equal_cost"]),
-            ("noise floor (reference halves)", r["noise_floor"])]
-    lines = [f"# molflow evaluation: {r['system']}", "",
-             f"Reference: `{r['reference']['path']}` ({r['reference']['n_replicas']} replicas x "
-             f"{r['reference']['n_frames']} frames, {r['reference']['simulated_ns']:.3g} ns). Samples: "
-             f"`{r['samples']['path']}` ({r['samples']['n_replicas']} x {r['samples']['n_frames']}, "
-             f"tau = {r['tau_ps']:g} ps).", ""]
+    rows = [("samples vs J", r), ("equal-cost MD (held-out prefix) vs J", r["equal_cost"]),
+            ("noise floor (H vs J)", r["noise_floor"])]
+    lines = [f"# molflow evaluation: {r['system']}", ""]
+    lines += _status_banner(r.get("run_status"), "samples")
+    lines += _status_banner(r.get("reference_run_status"), "reference")
+    lines += [f"Reference: `{r['reference']['path']}` ({r['reference']['n_replicas']} replicas x "
+              f"{r['reference']['n_frames']} frames evaluated, {r['reference']['simulated_ns']:.3g} ns). Samples: "
+              f"`{r['samples']['path']}` ({r['samples']['n_replicas']} replicas x {r['samples']['n_frames']} frames "
+              f"evaluated, tau = {r['tau_ps']:g} ps).", ""]
+    lines += _split_lines(r)
     smp = r["samples"]
     if smp.get("kind") == "flowmap_samples":
         lines += [f"Sampler: {smp.get('mode')} mode, {'pathwise' if smp.get('pathwise') else 'free-running'}; "
-                  f"guard restarts {smp.get('n_restarts', 0)}, replicas stopped {smp.get('n_stopped', 0)}."
-                  + (f" {smp['evaluation_note']}." if smp.get("evaluation_note") else ""), ""]
+                  f"guard restarts {smp.get('n_restarts', 0)}, replicas stopped {smp.get('n_stopped', 0)} of "
+                  f"{smp.get('n_replicas_in_file', smp['n_replicas'])}.", ""]
     lines += ["## Conventions", ""]
     lines += [f"- **{k}**: {v}" for k, v in r["conventions"].items()]
     lines += ["", "## Stationary", "", "| row | JS(φ,ψ) | FES RMSE φ | FES RMSE ψ | FES RMSE 2-D | bond W1 (nm) | "
@@ -356,7 +538,8 @@ def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
             lines.append(f"| {name} | {row.get('reason', 'n/a')} | | | | | |")
             continue
         f = s["fes_rmse_kj_mol"]
-        lines.append(f"| {name} | {_fmt(s['js_phi_psi'])} | {_fmt(f['phi'])} | {_fmt(f['psi'])} | {_fmt(f['phi_psi'])} | "
+        lines.append(f"| {name} | {_fmt(s['js_phi_psi'])} ± {_fmt(s.get('js_phi_psi_se'), 2)} | {_fmt(f['phi'])} | "
+                     f"{_fmt(f['psi'])} | {_fmt(f['phi_psi'])} | "
                      f"{_fmt(s['bond_w1_nm'])} | {_fmt(s['energy_w1_kj_mol'])} | "
                      f"{_fmt(s['kinetic_temperature_k']['samples'], 4)} |")
     tk = r["stationary"]["kinetic_temperature_k"]
@@ -430,6 +613,8 @@ def _stationary_iid(ref: RunData, phi: np.ndarray, psi: np.ndarray, pos: np.ndar
     p_ref = M.phi_psi_histogram(ref.phi.ravel(), ref.psi.ravel())
     out = {
         "js_phi_psi": M.js_divergence(p_ref, M.phi_psi_histogram(phi, psi, w)),
+        "js_phi_psi_se": None if w is not None else M.js_block_bootstrap_se(
+            M.phi_psi_block_histograms(ref.phi, ref.psi), M.phi_psi_block_histograms(phi, psi)),
         "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), phi, kT, weights=w),
                             "psi": M.fes_rmse_1d(ref.psi.ravel(), psi, kT, weights=w),
                             "phi_psi": M.fes_rmse_2d(ref.phi.ravel(), ref.psi.ravel(), phi, psi, kT, weights=w)},
@@ -476,7 +661,7 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
     weights = s.get("weights")
     n = len(pos)
     result: dict[str, Any] = {
-        "conventions": {**CONVENTIONS, "weights": "self-normalised Boltzmann importance weights from the file "
+        "conventions": {**conventions(system), "weights": "self-normalised Boltzmann importance weights from the file "
                         "(zero where the sampler excluded a sample); n_effective = Kish ESS"},
         "system": system.name, "kind": "iid_samples",
         "reference": _describe(reference, ref),
@@ -484,9 +669,15 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
                     "hardware": a.get("hardware"), "wall_clock_s": a.get("wall_clock_s"),
                     "training_wall_clock_s": a.get("training_wall_clock_s"), "reweighted": weights is not None},
     }
-    result["stationary"] = _stationary_iid(ref, phi, psi, pos, energies, None, system)
+    split = split_reference(ref)
+    result["reference_run_status"] = ref.attrs.get("run_status")
+    result["reference_split"] = split.describe()
+    judge = split.judge
+    result["stationary"] = _stationary_iid(judge, phi, psi, pos, energies, None, system)
+    # for information only: against the whole reference (not comparable with equal_cost / noise_floor)
+    result["stationary_vs_whole_reference"] = _stationary_iid(ref, phi, psi, pos, energies, None, system)
     if weights is not None:
-        result["stationary_weighted"] = _stationary_iid(ref, phi, psi, pos, energies, weights, system)
+        result["stationary_weighted"] = _stationary_iid(judge, phi, psi, pos, energies, weights, system)
         lw = np.asarray(s.get("log_weights", np.log(np.where(weights > 0, weights, np.nan))), dtype=np.float64)
         fin = np.isfinite(lw) & (weights > 0)
         q = np.log10(weights[fin] * n) if fin.any() else np.array([])
@@ -513,17 +704,15 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
                                   "wall_clock_s": wall, "training_wall_clock_s": a.get("training_wall_clock_s"),
                                   "hardware": a.get("hardware")}}
     pseudo = dataclasses.replace(ref, label="samples", attrs={"wall_clock_s": wall, "hardware": a.get("hardware")})
-    short, note = _equal_cost(ref, pseudo)
+    short, note = _equal_cost(ref, pseudo, split)
     if short is None:
         result["equal_cost"] = {"value": None, "reason": note}
     else:
-        if short.phi.shape[1] >= ref.phi.shape[1]:
-            note = (f"the sampler's wall-clock buys at least the whole reference ({ref.simulated_ns:.3g} ns): this row "
-                    f"is the reference against itself (no information). {note}").strip()
-        result["equal_cost"] = {"stationary": _stationary(ref, short, system), "note": note,
-                                "frames": short.phi.shape[1], "simulated_ns": short.simulated_ns}
-    ha, hb = _split_halves(ref)
-    result["noise_floor"] = {"stationary": _stationary(ha, hb, system)}
+        result["equal_cost"] = {"stationary": _stationary(judge, short, system), "note": note,
+                                "frames": short.phi.shape[1], "n_replicas": short.phi.shape[0],
+                                "simulated_ns": short.simulated_ns, "construction": split.construction}
+    result["noise_floor"] = {"stationary": _stationary(judge, split.held_out, system),
+                             "construction": split.construction, "note": split.description}
     (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     figures = iid_figures(ref, phi, psi, weights, result, system, out_dir)
     (out_dir / "report.md").write_text(_markdown_iid(result, figures))
@@ -532,17 +721,19 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
 
 def _markdown_iid(r: dict[str, Any], figures: list[Path]) -> str:
     smp, ref = r["samples"], r["reference"]
-    lines = [f"# molflow evaluation: {r['system']} (i.i.d. conformations)", "",
-             f"Reference: `{ref['path']}` ({ref['n_replicas']} replicas x {ref['n_frames']} frames, "
+    lines = [f"# molflow evaluation: {r['system']} (i.i.d. conformations)", ""]
+    lines += _status_banner(r.get("reference_run_status"), "reference")
+    lines += [f"Reference: `{ref['path']}` ({ref['n_replicas']} replicas x {ref['n_frames']} frames, "
              f"{ref['simulated_ns']:.3g} ns). Samples: `{smp['path']}` ({smp['n_samples']} conformations, "
-             f"{smp.get('steps')} map steps, {_fmt(smp.get('wall_clock_s'))} s on {smp.get('hardware')}).", "",
-             "## Conventions", ""]
+              f"{smp.get('steps')} map steps, {_fmt(smp.get('wall_clock_s'))} s on {smp.get('hardware')}).", ""]
+    lines += _split_lines(r)
+    lines += ["## Conventions", ""]
     lines += [f"- **{k}**: {v}" for k, v in r["conventions"].items()]
     lines += ["", "## Stationary", "", "| row | JS(φ,ψ) | FES RMSE φ | FES RMSE ψ | FES RMSE 2-D | bond W1 (nm) | "
               "energy W1 (kJ/mol) | n (effective) |", "|---|---|---|---|---|---|---|---|"]
-    rows = [("samples, unweighted", r["stationary"]), ("samples, weighted", r["stationary_weighted"]),
-            ("equal-cost reference", r["equal_cost"].get("stationary")),
-            ("noise floor (reference halves)", r["noise_floor"]["stationary"])]
+    rows = [("samples vs J, unweighted", r["stationary"]), ("samples vs J, weighted", r["stationary_weighted"]),
+            ("equal-cost MD (held-out prefix) vs J", r["equal_cost"].get("stationary")),
+            ("noise floor (H vs J)", r["noise_floor"]["stationary"])]
     for name, s in rows:
         if not s or s.get("value", 0) is None:
             why = (s or r["equal_cost"]).get("reason", "n/a")

@@ -85,8 +85,8 @@ def test_evaluate_end_to_end(two_runs, tmp_path):
     # MD evaluated as samples: the samples row (4 replicas x 10 ps of independent MD vs J) and the
     # noise floor (H, 4 replicas x 10 ps of MD, vs J) are identically distributed, so their
     # difference has SD <= sqrt(se_s^2 + se_floor^2) (sharing J correlates them positively, which
-    # only narrows it); 3 SD. se is the block-bootstrap SE (measured over 4 seeds at this size: SE
-    # 0.03-0.04 against a between-seed SD of 0.04).
+    # only narrows it); 3 SD. se is the delete-one-block jackknife SE (measured over 4 seeds at this
+    # size: SE 0.03-0.05 against a between-seed SD of the rows of 0.04).
     s, f = m["stationary"], m["noise_floor"]["stationary"]
     tol = 3 * math.hypot(s["js_phi_psi_se"], f["js_phi_psi_se"])
     assert abs(s["js_phi_psi"] - f["js_phi_psi"]) < tol, (s["js_phi_psi"], f["js_phi_psi"], tol)

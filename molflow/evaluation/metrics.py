@@ -33,7 +33,7 @@ __all__ = [
     "js_divergence",
     "js_phi_psi",
     "phi_psi_block_histograms",
-    "js_block_bootstrap_se",
+    "js_block_jackknife_se",
     "free_energy",
     "fes_rmse",
     "fes_rmse_1d",
@@ -170,7 +170,7 @@ def phi_psi_block_histograms(phi, psi, n_blocks: int = 20, bins: int = 64) -> np
     phi, psi: (R, F) radians (a 1-D array is one replica). Each replica is cut into
     ceil(n_blocks / R) contiguous blocks of (nearly) equal length (at most F), so B ~ n_blocks;
     their sum is the run's histogram of counts (non-finite angles dropped). Blocks are the units
-    of :func:`js_block_bootstrap_se`: much longer than the angles' correlation time, they are
+    of :func:`js_block_jackknife_se`: where much longer than the angles' correlation time, they are
     nearly independent.
     """
     a, b = _as_2d(phi), _as_2d(psi)
@@ -195,29 +195,33 @@ def _js_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return 0.5 * rel_entr(p, m).sum(1) + 0.5 * rel_entr(q, m).sum(1)
 
 
-def js_block_bootstrap_se(blocks_a, blocks_b, n_boot: int = 200, seed: int = 0) -> float | None:
-    """Block-bootstrap standard error of the JS divergence of two runs' (phi, psi) histograms.
+def js_block_jackknife_se(blocks_a, blocks_b) -> float | None:
+    """Delete-one-block jackknife standard error of the JS divergence of two runs' (phi, psi) histograms.
 
-    blocks_a, blocks_b: (B, bins, bins) block count histograms (:func:`phi_psi_block_histograms`).
-    Each bootstrap draw resamples the blocks of both runs with replacement (multinomial block
-    counts) and recomputes JS; the SE is the standard deviation over ``n_boot`` draws. It is the
-    spread of the statistic under resampling of whole blocks (an approximation: it assumes blocks
-    are independent and exchangeable, and JS's finite-sample bias is not removed). None with fewer
-    than 2 blocks in either run.
+    blocks_a, blocks_b: (B, bins, bins) block count histograms (:func:`phi_psi_block_histograms`),
+    the blocks of each run taken as independent. JS is recomputed with each block of either run left
+    out; the variance is the sum over both runs of (B - 1)/B x sum_i (JS_(-i) - mean)^2. By the
+    Efron-Stein inequality this jackknife variance is, in expectation, an upper bound on the true
+    variance (for independent blocks): a conservative SE. (A bootstrap over blocks is not: resampling
+    with replacement adds its own multinomial noise to a statistic that is quadratic near zero, and
+    overstated the spread 2-6x on i.i.d. data.) None with fewer than 2 blocks in either run.
     """
     A = np.asarray(blocks_a, dtype=np.float64)
     Bk = np.asarray(blocks_b, dtype=np.float64)
     if len(A) < 2 or len(Bk) < 2:
         return None
     A, Bk = A.reshape(len(A), -1), Bk.reshape(len(Bk), -1)
-    rng = np.random.default_rng(seed)
-    wa = rng.multinomial(len(A), np.full(len(A), 1.0 / len(A)), size=n_boot).astype(np.float64)
-    wb = rng.multinomial(len(Bk), np.full(len(Bk), 1.0 / len(Bk)), size=n_boot).astype(np.float64)
-    ha, hb = wa @ A, wb @ Bk
-    ok = (ha.sum(1) > 0) & (hb.sum(1) > 0)
-    if ok.sum() < 2:
+    sa, sb = A.sum(0), Bk.sum(0)
+    if not (sa.sum() > 0 and sb.sum() > 0):
         return None
-    return _num(_js_rows(ha[ok], hb[ok]).std(ddof=1))
+    var = 0.0
+    for left, other in ((sa[None] - A, np.broadcast_to(sb, A.shape)), (np.broadcast_to(sa, Bk.shape), sb[None] - Bk)):
+        ok = (left.sum(1) > 0) & (other.sum(1) > 0)
+        v = _js_rows(left[ok], other[ok])
+        n = len(v)
+        if n >= 2:
+            var += (n - 1) / n * ((v - v.mean()) ** 2).sum()
+    return _num(math.sqrt(var))
 
 
 # ------------------------------------------------------------------------------------ free energy

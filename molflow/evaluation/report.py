@@ -22,7 +22,7 @@ comparable and none contains the data it is judged against:
 ``stationary_vs_whole_reference`` gives the samples against the whole reference, for information
 (not comparable with the two calibration rows). Kinetics are reported side by side, not as a
 distance: the main row's ``kinetics.reference`` is the whole reference, the calibration rows' is J.
-``js_phi_psi_se`` is a block-bootstrap standard error. A samples file that did not finish (every
+``js_phi_psi_se`` is a delete-one-block jackknife standard error (time blocks). A samples file that did not finish (every
 replica stopped by the sampler's guard, or fewer frames than planned) is flagged at the top of
 report.md and in ``run_status`` (``reference_run_status`` for the reference); its counts and the
 evaluated replicas x frames come from the same arrays (:func:`run_status`). A number the data
@@ -48,8 +48,9 @@ MAX_STRUCTURE_FRAMES = 4000  # frames (over all replicas) used for bond/energy d
 CONVENTIONS = {
     "dihedrals": "central residue phi/psi from the topology (alanine dipeptide: (4,6,8,14), (6,8,14,16), 0-based)",
     "js": "Jensen-Shannon divergence of (phi, psi), 64x64 bins on [-pi, pi]^2, natural log, divergence not root; "
-          "js_phi_psi_se: block-bootstrap standard error (about 20 contiguous time blocks per run, both runs "
-          "resampled, 200 draws)",
+          "js_phi_psi_se: delete-one-block jackknife standard error (about 20 contiguous time blocks per "
+          "run, both runs; conservative for independent blocks, optimistic where a block is not much longer than "
+          "the slowest correlation time)",
     "free_energy": "F = -kT ln p on the same grid; RMSE (kJ/mol) over bins populated in the reference after "
                    "removing the best constant offset",
     "kinetics": "core-set transitions of phi (beta/alphaR core -150..-30 deg <-> alphaL/C7ax core 30..100 deg) "
@@ -242,7 +243,7 @@ def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
     p = M.phi_psi_histogram(cand.phi.ravel(), cand.psi.ravel())
     out = {
         "js_phi_psi": M.js_divergence(p_ref, p),
-        "js_phi_psi_se": M.js_block_bootstrap_se(M.phi_psi_block_histograms(ref.phi, ref.psi),
+        "js_phi_psi_se": M.js_block_jackknife_se(M.phi_psi_block_histograms(ref.phi, ref.psi),
                                                  M.phi_psi_block_histograms(cand.phi, cand.psi)),
         "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), cand.phi.ravel(), kT),
                             "psi": M.fes_rmse_1d(ref.psi.ravel(), cand.psi.ravel(), kT),
@@ -613,7 +614,7 @@ def _stationary_iid(ref: RunData, phi: np.ndarray, psi: np.ndarray, pos: np.ndar
     p_ref = M.phi_psi_histogram(ref.phi.ravel(), ref.psi.ravel())
     out = {
         "js_phi_psi": M.js_divergence(p_ref, M.phi_psi_histogram(phi, psi, w)),
-        "js_phi_psi_se": None if w is not None else M.js_block_bootstrap_se(
+        "js_phi_psi_se": None if w is not None else M.js_block_jackknife_se(
             M.phi_psi_block_histograms(ref.phi, ref.psi), M.phi_psi_block_histograms(phi, psi)),
         "fes_rmse_kj_mol": {"phi": M.fes_rmse_1d(ref.phi.ravel(), phi, kT, weights=w),
                             "psi": M.fes_rmse_1d(ref.psi.ravel(), psi, kT, weights=w),

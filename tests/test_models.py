@@ -75,29 +75,57 @@ def test_identity_at_tau_zero(model, ala2):
 
 
 def test_free_particle_part_is_exact_in_law(ala2):
-    """With the network's correction switched off, one jump of a free atom has the exact OU law.
+    """With the network's correction switched off, one jump of a free atom has the exact OU law of (x, v).
 
-    Monte Carlo over fresh continuous-law coefficients and latents (n = 4000 jumps x 66 DOFs):
-    Var(v_t) = (kT/m)(1 - e^{-2 gamma tau}); the relative SE of a variance from n' draws is
-    sqrt(2/n'), and we allow 5 SE per atom.
+    Free Langevin dynamics (friction g, no force, s^2 = 2 g kT/m per Cartesian DOF) from (x0, v0):
+    E v = v0 e^{-g t}, E x = x0 + v0 (1 - e^{-g t})/g, Var v = (kT/m)(1 - e^{-2 g t}),
+    Var x = (s^2/g^2)(t - 2(1 - e^{-g t})/g + (1 - e^{-2 g t})/(2 g)), Cov(x, v) = s^2 (1 - e^{-g t})^2 / (2 g^2).
+    Monte Carlo over fresh continuous-law coefficients and latents, n = 4000 jumps from one (x0, v0),
+    66 independent DOFs. Each DOF's (x, v) is whitened with the exact mean and covariance (Cholesky),
+    which must leave n i.i.d. N(0, I_2) draws: the sample mean of each whitened coordinate has SE
+    1/sqrt(n), a sample variance sqrt(2/n), the sample covariance 1/sqrt(n). Per DOF we allow 4.5 SE
+    (330 statistics: a chance failure ~2e-3, seeds fixed); averaged over the 66 DOFs the SEs shrink by
+    sqrt(66) and we allow 4 SE, which catches a 1% error in a variance.
     """
     from molflow.brownian import sample_coefficients
 
     torch.manual_seed(0)
     scal, edges = atom_features(ala2)
-    m = MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, 1.0,
+    g = 1.0
+    m = MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, g,
                          MapConfig(n_coefficients=3, n_latent=2, n_features=8, n_layers=1, base="ou")).double()
     with torch.no_grad():
         m.net.out.mix.weight.zero_()  # the correction vanishes: only the exact OU part remains
     n, tau = 4000, 0.5
     rng = np.random.default_rng(1)
     L = torch.as_tensor(np.moveaxis(sample_coefficients(rng, 3, tau, (n, 22, 3)), 0, 1))
-    x = torch.as_tensor(ala2.positions_nm).expand(n, -1, -1)
-    v = torch.zeros(n, 22, 3, dtype=torch.float64)
-    _, vt = m(x, v, L, m.sample_latent(n), torch.full((n,), tau, dtype=torch.float64))
-    expected = ala2.kT_kj_mol / ala2.masses_amu * (1 - np.exp(-2 * tau))
-    ratio = vt.detach().var(dim=(0, 2)).numpy() / expected
-    assert np.all(np.abs(ratio - 1) < 5 * np.sqrt(2 / (3 * n))), ratio
+    x0 = np.asarray(ala2.positions_nm, dtype=np.float64)
+    kT_m = (ala2.kT_kj_mol / np.asarray(ala2.masses_amu, dtype=np.float64))[:, None]  # (A, 1) nm^2/ps^2
+    v0 = np.sqrt(kT_m) * rng.standard_normal((22, 3))  # one thermal start velocity, the same for all n
+    xt, vt = m(torch.as_tensor(x0).expand(n, -1, -1), torch.as_tensor(v0).expand(n, -1, -1), L,
+               m.sample_latent(n), torch.full((n,), tau, dtype=torch.float64))
+    xt, vt = xt.detach().numpy().reshape(n, -1), vt.detach().numpy().reshape(n, -1)  # (n, 66)
+    e1, e2 = np.exp(-g * tau), np.exp(-2 * g * tau)
+    s2 = 2 * g * np.broadcast_to(kT_m, (22, 3)).ravel()
+    mean_x, mean_v = (x0 + v0 * (1 - e1) / g).ravel(), (v0 * e1).ravel()
+    var_v = s2 / (2 * g) * (1 - e2)
+    var_x = s2 / g**2 * (tau - 2 * (1 - e1) / g + (1 - e2) / (2 * g))
+    cov_xv = s2 * (1 - e1) ** 2 / (2 * g**2)
+    # whiten: (x, v) = mean + C (z1, z2) with C the Cholesky factor of [[var_x, cov], [cov, var_v]]
+    c11 = np.sqrt(var_x)
+    c21 = cov_xv / c11
+    c22 = np.sqrt(var_v - c21**2)
+    z1 = (xt - mean_x) / c11
+    z2 = ((vt - mean_v) - c21 * z1) / c22
+    stats = {  # (per-DOF values, their SE)
+        "mean z1": (z1.mean(0), 1 / np.sqrt(n)), "mean z2": (z2.mean(0), 1 / np.sqrt(n)),
+        "var z1 - 1": (z1.var(0, ddof=1) - 1, np.sqrt(2 / n)), "var z2 - 1": (z2.var(0, ddof=1) - 1, np.sqrt(2 / n)),
+        "cov z1 z2": (((z1 - z1.mean(0)) * (z2 - z2.mean(0))).sum(0) / (n - 1), 1 / np.sqrt(n)),
+    }
+    for name, (val, se) in stats.items():
+        assert np.abs(val).max() < 4.5 * se, (name, np.abs(val).max() / se)
+        assert abs(val.mean()) < 4 * se / np.sqrt(val.size), (name, val.mean() * np.sqrt(val.size) / se)
+    assert np.abs(cov_xv / np.sqrt(var_x * var_v)).min() > 0.5  # (x and v are strongly correlated: a joint check)
 
 
 # ---------------------------------------------------------------- the optional e3nn backbone

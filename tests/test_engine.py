@@ -312,3 +312,48 @@ def test_resume_refuses_unreadable_file_and_keeps_seed_of_empty_one(tmp_path, sm
     t = molflow.simulate("alanine_dipeptide", empty, time_ps=0.2, equilibrate_ps=0.05, resume=True, progress=False)
     assert t.attrs["seed"] == 4242 and t.n_frames == 3
     t.close()
+
+
+def test_fast_frame_read_equals_a_fresh_evaluation(ala2):
+    """A frame read from the integrator's frame outputs (no second force evaluation) equals one read
+    with OpenMM's own forces and energy at the same state; velocities are on-step (v = u - dt/2 f/m)."""
+    from molflow.md.engine import Group, GroupStart, RunSpec, minimise
+
+    spec = RunSpec(pdb_text=ala2.pdb_text, forcefield=tuple(ala2.forcefield_files), name=ala2.name,
+                   temperature_K=300.0, friction_per_ps=1.0, timestep_fs=1.0, steps_per_frame=20, n_coefficients=3,
+                   platform="Reference", threads=1, deterministic=False, cutoff_nm=1.5, seed=5,
+                   equilibration_steps=100, start_positions_nm=minimise(ala2))
+    g = Group(spec, 0, 1, ala2)
+    g.start(GroupStart("fresh"))
+    assert g.substeps == 5 and g.context_energy
+    fast = next(g.run(1))
+    slow = g.read_frame(with_coefficients=True)
+    for key in ("positions", "velocities", "forces", "brownian"):
+        np.testing.assert_array_equal(fast[key], slow[key], key)
+    assert fast["potential_energy"][0] == pytest.approx(slow["potential_energy"][0], abs=1e-9)
+    u = np.array(g.context.getState(getVelocities=True).getVelocities(asNumpy=True)._value)
+    np.testing.assert_allclose(fast["velocities"][0], u - 0.0005 * fast["forces"][0] / ala2.masses_amu[:, None])
+    assert np.abs(fast["velocities"][0] - u).max() > 1e-3  # the half kick is visible at this precision
+
+
+def test_resume_of_a_file_from_another_integrator_ignores_its_checkpoint(tmp_path):
+    """An OpenMM checkpoint holds the integrator's variables: one written by another integrator program
+    (attribute ``integrator``) is not loaded; the run continues from the last frame's state."""
+    out = tmp_path / "old.h5"
+    molflow.simulate("alanine_dipeptide", out, progress=False, **{**RUN, "time_ps": 1.0}).close()
+    with h5py.File(out, "r+") as f:
+        f.attrs["integrator"] = "an older molflow"
+    assert any(Path(str(out) + ".ckpt").iterdir())
+    resumed = molflow.simulate("alanine_dipeptide", out, resume=True, progress=False, **{**RUN, "time_ps": 1.2})
+    assert resumed.attrs["n_restarts"] == 1 and resumed.n_frames == 61
+    from molflow.md.integrator import INTEGRATOR_ID
+
+    assert resumed.attrs["integrator"] == INTEGRATOR_ID
+    resumed.close()
+
+
+def test_platform_failure_shows_openmm_error():
+    from molflow.md.engine import platform_error
+
+    assert platform_error("Reference") is None
+    assert "NoSuchPlatform" in platform_error("NoSuchPlatform")

@@ -7,7 +7,8 @@ import pytest
 
 from molflow.brownian import (coefficients_from_noise, compose, continuous_variances,
                               discrete_covariance)
-from molflow.md.integrator import read_coefficients, recording_integrator
+from molflow.md.integrator import (choose_substeps, onstep_velocities, read_coefficients, read_frame_outputs,
+                                   read_noise, recording_integrator, step_physical)
 from molflow.units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
 from molflow.md.multicopy import make_layout, multicopy_system
 
@@ -24,27 +25,29 @@ def _context(mol, n_copies, integrator, platform="Reference", seed=3):
     return ctx
 
 
-def _state(ctx):
-    s = ctx.getState(getPositions=True, getVelocities=True)
-    return np.array(s.getPositions(asNumpy=True)._value), np.array(s.getVelocities(asNumpy=True)._value)
+def _state(ctx, masses):
+    """Positions and ON-STEP velocities (the context holds half-kicked ones: molflow.md.integrator)."""
+    s = ctx.getState(getPositions=True, getVelocities=True, getForces=True)
+    u, f = np.array(s.getVelocities(asNumpy=True)._value), np.array(s.getForces(asNumpy=True)._value)
+    return np.array(s.getPositions(asNumpy=True)._value), onstep_velocities(u, f, masses, DT_PS)
 
 
 @pytest.fixture(scope="module")
 def debug_run(ala2):
-    """200 steps on Reference (double precision), per-step Gaussians read after every step."""
-    K, N = 100, 4
-    integ = recording_integrator(300.0, 1.0, 1.0, K, N, seed=17)
+    """200 steps on Reference (double precision), 5 substeps per call, Gaussians read after every call."""
+    K, N, M = 100, 4, 5
+    integ = recording_integrator(300.0, 1.0, 1.0, K, N, seed=17, substeps=M)
     ctx = _context(ala2, 1, integ)
-    integ.step(50)  # leave the minimum; kstep is then 50: restart the frame counter
+    step_physical(integ, 50)  # leave the minimum; kstep is then 50: restart the frame counter
     integ.setGlobalVariableByName("kstep", 0)
-    x0, v0 = _state(ctx)
+    x0, v0 = _state(ctx, ala2.masses_amu)
     xis, frames_L = [], []
-    for k in range(200):
+    for k in range(200 // M):
         integ.step(1)
-        xis.append(np.array(integ.getPerDofVariableByName("xi")))
-        if (k + 1) % K == 0:
+        xis.extend(read_noise(integ))
+        if (k + 1) % (K // M) == 0:
             frames_L.append(read_coefficients(integ, N))
-    x1, v1 = _state(ctx)
+    x1, v1 = _state(ctx, ala2.masses_amu)
     return dict(x0=x0, v0=v0, x1=x1, v1=v1, xi=np.array(xis), L=frames_L, K=K, N=N)
 
 
@@ -90,6 +93,43 @@ def test_composing_frames_equals_coefficients_of_the_union(debug_run):
     np.testing.assert_allclose(composed, union, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("substeps", [1, 3, 4])
+def test_coefficients_for_any_substeps(ala2, substeps):
+    """Every substep count accumulates exactly sum_k w[n, k] xi_k (12-step frames, N = 3)."""
+    K, N = 12, 3
+    integ = recording_integrator(300.0, 1.0, 1.0, K, N, seed=5, substeps=substeps)
+    ctx = _context(ala2, 1, integ)  # noqa: F841 - the integrator needs its context alive
+    for frame in range(2):
+        xis = []
+        for _ in range(K // substeps):
+            integ.step(1)
+            xis.extend(read_noise(integ))
+        np.testing.assert_allclose(read_coefficients(integ, N), coefficients_from_noise(np.array(xis), N, DT_PS),
+                                   atol=1e-12, rtol=0)
+
+
+def test_frame_outputs_equal_a_fresh_evaluation(ala2):
+    """Forces and energy kept by a frame's last call equal OpenMM's own evaluation at that frame."""
+    K = 20
+    integ = recording_integrator(300.0, 1.0, 1.0, K, 3, seed=5, substeps=choose_substeps(K),
+                                 frame_forces=True, frame_energy=True)
+    ctx = _context(ala2, 1, integ)
+    for _ in range(3):
+        step_physical(integ, K)
+        f, e = read_frame_outputs(integ, energy=True)
+        s = ctx.getState(getForces=True, getEnergy=True)
+        np.testing.assert_array_equal(f, s.getForces(asNumpy=True)._value)
+        assert e == pytest.approx(s.getPotentialEnergy()._value, abs=1e-9)
+    assert read_frame_outputs(integ, energy=False)[1] is None
+
+
+def test_choose_substeps():
+    assert choose_substeps(100, 10000) == 5 and choose_substeps(20) == 5 and choose_substeps(12) == 4
+    assert choose_substeps(100, 10002) == 2 and choose_substeps(7) == 1 and choose_substeps(9, 3) == 3
+    with pytest.raises(ValueError, match="divisor"):
+        recording_integrator(300.0, 1.0, 1.0, 10, 3, seed=1, substeps=4)
+
+
 def test_coefficient_law(ala2):
     """Empirical covariance of L^(0..3) over many DOFs and frames against the exact discrete law.
 
@@ -99,11 +139,11 @@ def test_coefficient_law(ala2):
     h/(2n+1), so the same data also pins the continuous variances within 5 SE + 1%.
     """
     K, N, frames = 100, 4, 12
-    integ = recording_integrator(300.0, 1.0, 1.0, K, N, seed=99)
+    integ = recording_integrator(300.0, 1.0, 1.0, K, N, seed=99, substeps=5)
     ctx = _context(ala2, 8, integ, platform="CPU")
     samples = []
     for _ in range(frames):
-        integ.step(K)
+        step_physical(integ, K)
         samples.append(read_coefficients(integ, N).reshape(N, -1))
     L = np.concatenate(samples, axis=1)
     n = L.shape[1]
@@ -133,24 +173,27 @@ def test_same_distribution_as_stock_langevin_middle(ala2):
 
     def run(integ, on_step):
         ctx = _context(ala2, C, integ, platform="CPU", seed=5)
-        integ.step(equil)
+        step = (lambda n: step_physical(integ, n)) if on_step else integ.step
+        step(equil)
         pe, t_mid, t_on = np.zeros((frames, C)), np.zeros((frames, C)), np.zeros((frames, C))
         from molflow.md.engine import EnergyEvaluator
         energy = EnergyEvaluator(ala2, "CPU")
         for i in range(frames):
-            integ.step(every)
+            step(every)
             s = ctx.getState(getPositions=True, getVelocities=True, getForces=True)
             x = np.array(s.getPositions(asNumpy=True)._value).reshape(C, A, 3)
             v = np.array(s.getVelocities(asNumpy=True)._value).reshape(C, A, 3)
             f = np.array(s.getForces(asNumpy=True)._value).reshape(C, A, 3)
             pe[i] = energy(x)
+            if on_step:  # ours holds half-kicked u = v + dt/2 f/m: on-step v, and mid-step v - dt/2 f/m
+                v = onstep_velocities(v, f, masses, DT_PS)
             v_mid = v - 0.5 * DT_PS * f / masses[:, None] if on_step else v
             for c in range(C):
                 t_mid[i, c] = kinetic_temperature(v_mid[c], masses)
                 t_on[i, c] = kinetic_temperature(v[c], masses)
         return pe, t_mid, t_on
 
-    ours = run(recording_integrator(300.0, 1.0, 1.0, 100, 3, seed=21), on_step=True)
+    ours = run(recording_integrator(300.0, 1.0, 1.0, 100, 3, seed=21, substeps=5), on_step=True)
     stock = openmm.LangevinMiddleIntegrator(300.0, 1.0, DT_PS)
     stock.setRandomNumberSeed(22)
     theirs = run(stock, on_step=False)

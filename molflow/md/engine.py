@@ -34,7 +34,8 @@ from ..seeding import derive_seed, random_seed
 from ..systems import MolecularSystem, load_system
 from ..trajectory import Trajectory, TrajectoryWriter
 from ..units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
-from .integrator import read_coefficients, recording_integrator
+from .integrator import (INTEGRATOR_ID, choose_substeps, onstep_velocities, read_coefficients, read_frame_outputs,
+                         recording_integrator, set_onstep_velocities, step_physical)
 from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
 
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
@@ -100,7 +101,7 @@ class EnergyEvaluator:
         import openmm
 
         self._context = openmm.Context(molecule.create_system("nocutoff"), openmm.VerletIntegrator(0.001),
-                                       _platform_obj(platform), _platform_props(platform, 1, False))
+                                       platform_object(platform), platform_properties(platform, 1, False))
 
     def __call__(self, positions_nm: np.ndarray) -> np.ndarray:
         """positions (..., A, 3) nm -> energies (...) kJ/mol."""
@@ -133,19 +134,35 @@ class Group:
         self.layout: CopyLayout = make_layout(n_copies, spec.start_positions_nm, spec.cutoff_nm)
         self.masses = np.tile(mol.masses_amu, n_copies)
         system = multicopy_system(mol, n_copies, spec.cutoff_nm)
+        self.dt_ps = spec.timestep_fs / 1000.0
+        self.substeps = choose_substeps(spec.steps_per_frame, spec.equilibration_steps)
+        # frame outputs (forces, and the energy of a lone copy) come from the integrator's last call
+        # of each frame instead of a second force evaluation; on a GPU they would cost a host sync
+        # per call, so there the frame is read with getState and the energy evaluator as before
+        self.fast_frames = spec.platform not in GPU_PLATFORMS
+        self.context_energy = self.fast_frames and n_copies == 1  # the context is the NoCutoff molecule
         self.integrator = recording_integrator(spec.temperature_K, spec.friction_per_ps, spec.timestep_fs,
                                                spec.steps_per_frame, spec.n_coefficients,
-                                               derive_seed(spec.seed, self.seed_index))
-        self.context = openmm.Context(system, self.integrator, _platform_obj(spec.platform),
-                                      _platform_props(spec.platform, spec.threads, spec.deterministic))
-        self.energies = energies or EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform)
+                                               derive_seed(spec.seed, self.seed_index), substeps=self.substeps,
+                                               frame_forces=self.fast_frames, frame_energy=self.context_energy)
+        self.context = openmm.Context(system, self.integrator, platform_object(spec.platform),
+                                      platform_properties(spec.platform, spec.threads, spec.deterministic))
+        self.energies = None if self.context_energy else \
+            (energies or EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform))
         self.kT = BOLTZMANN_KJ_MOL_K * spec.temperature_K
 
     # -- starting
     def start(self, how: GroupStart) -> dict[str, np.ndarray] | None:
         """Begin the group; a fresh start equilibrates and returns frame 0."""
         if how.kind == "checkpoint":
-            self.context.loadCheckpoint(how.checkpoint)
+            try:
+                self.context.loadCheckpoint(how.checkpoint)
+            except Exception as exc:  # noqa: BLE001 - OpenMM raises a bare Exception for a foreign checkpoint
+                if how.velocities is None:
+                    raise SimulationError(f"cannot load the OpenMM checkpoint of group {self.index}: {exc}") from exc
+                warnings.warn(f"group {self.index}: the OpenMM checkpoint does not load here ({exc}); "
+                              "continuing from the last frame's state instead", stacklevel=2)
+                return self.start(dataclasses.replace(how, kind="state"))
             x = self._state(positions=True)["x"]
             mean_diff = how.positions_nm.mean(1) - x.reshape(self.n_copies, self.n_atoms, 3).mean(1)
             self.layout.offsets_nm = np.round(mean_diff)
@@ -154,7 +171,7 @@ class Group:
             centroid = how.positions_nm.mean(1)
             self.layout.offsets_nm = np.round(centroid - self.layout.sites_nm)
             self.context.setPositions(self.layout.to_context_frame(how.positions_nm.astype(np.float64)))
-            self.context.setVelocities(how.velocities.reshape(-1, 3).astype(np.float64))
+            set_onstep_velocities(self.context, how.velocities.reshape(-1, 3), self.masses, self.dt_ps)
             self.integrator.setRandomNumberSeed(derive_seed(self.spec.seed, self.seed_index, 1000 + how.restart))
             self.integrator.setGlobalVariableByName("kstep", 0)
             return None
@@ -162,57 +179,75 @@ class Group:
         start = np.broadcast_to(self.spec.start_positions_nm, (self.n_copies, self.n_atoms, 3))
         self.context.setPositions(self.layout.to_context_frame(start))
         self.context.setVelocitiesToTemperature(self.spec.temperature_K, derive_seed(self.spec.seed, self.seed_index, 1))
+        set_onstep_velocities(self.context, self._state(velocities=True)["u"], self.masses, self.dt_ps)
         remaining = self.spec.equilibration_steps
         while remaining > 0:  # equilibrate frame by frame so the margin guard sees it
             n = min(remaining, self.spec.steps_per_frame)
-            self.integrator.step(n)
+            step_physical(self.integrator, n)
             remaining -= n
-            self._guard(self._state(positions=True, velocities=True))
+            self._guard(self._state(positions=True, velocities=True, forces=True))
         self.integrator.setGlobalVariableByName("kstep", 0)
         return self.read_frame(with_coefficients=False)
 
     # -- running
     def run(self, n_frames: int) -> Iterator[dict[str, np.ndarray]]:
         for _ in range(n_frames):
-            self.integrator.step(self.spec.steps_per_frame)
-            yield self.read_frame(with_coefficients=True)
+            step_physical(self.integrator, self.spec.steps_per_frame)
+            yield self.read_frame(with_coefficients=True, after_full_frame=True)
 
-    def read_frame(self, with_coefficients: bool) -> dict[str, np.ndarray]:
-        s = self._state(positions=True, velocities=True, forces=True)
-        self._guard(s)
+    def read_frame(self, with_coefficients: bool, after_full_frame: bool = False) -> dict[str, np.ndarray]:
+        """The current frame; ``after_full_frame``: right after a whole frame of steps (frame outputs valid)."""
         C, A = self.n_copies, self.n_atoms
+        if after_full_frame and self.fast_frames:
+            s = self._state(positions=True, velocities=True)
+            s["f"], energy = read_frame_outputs(self.integrator, self.context_energy)
+        else:
+            s = self._state(positions=True, velocities=True, forces=True, energy=self.context_energy)
+            energy = s.get("e")
+        s["v"] = onstep_velocities(s["u"], s["f"], self.masses, self.dt_ps)
+        self._guard(s)
         x_file = self.layout.to_file_frame(s["x"])
-        frame = {"positions": x_file, "velocities": s["v"].reshape(C, A, 3),
-                 "forces": s["f"].reshape(C, A, 3), "potential_energy": self.energies(x_file)}
-        if not np.all(np.isfinite(frame["potential_energy"])):
+        frame = {"positions": x_file, "velocities": s["v"].reshape(C, A, 3), "forces": s["f"].reshape(C, A, 3),
+                 "potential_energy": np.array([energy]) if self.context_energy else self.energies(x_file)}
+        if not np.isfinite(frame["potential_energy"]).all():
             raise SimulationError("non-finite potential energy (the run blew up)")
         if with_coefficients:
             L = read_coefficients(self.integrator, self.spec.n_coefficients)  # (N, C*A, 3)
             frame["brownian"] = L.reshape(-1, C, A, 3).transpose(1, 0, 2, 3)
         return frame
 
-    def _state(self, positions=False, velocities=False, forces=False) -> dict[str, np.ndarray]:
-        st = self.context.getState(getPositions=positions, getVelocities=velocities, getForces=forces)
+    def _state(self, positions=False, velocities=False, forces=False, energy=False) -> dict[str, np.ndarray]:
+        """Context state; ``u`` is the context's (half-kicked) velocity variable."""
+        st = self.context.getState(getPositions=positions, getVelocities=velocities, getForces=forces,
+                                   getEnergy=energy)
         out = {}
         if positions:
             out["x"] = np.array(st.getPositions(asNumpy=True)._value)
         if velocities:
-            out["v"] = np.array(st.getVelocities(asNumpy=True)._value)
+            out["u"] = np.array(st.getVelocities(asNumpy=True)._value)
         if forces:
             out["f"] = np.array(st.getForces(asNumpy=True)._value)
+        if energy:
+            out["e"] = float(st.getPotentialEnergy()._value)
         return out
 
     def _guard(self, s: dict[str, np.ndarray]) -> None:
-        if "v" in s:
-            v = s["v"].reshape(self.n_copies, self.n_atoms, 3)
-            if not np.all(np.isfinite(v)):
+        if "u" in s:
+            v = s["v"] if "v" in s else onstep_velocities(s["u"], s["f"], self.masses, self.dt_ps)
+            v = v.reshape(self.n_copies, self.n_atoms, 3)
+            if not np.isfinite(v).all():
                 raise SimulationError("non-finite velocities (the run blew up)")
             t_kin = kinetic_temperature(v, self.masses.reshape(self.n_copies, self.n_atoms))
-            if np.any(t_kin > EXPLOSION_FACTOR * self.spec.temperature_K):
+            if (t_kin > EXPLOSION_FACTOR * self.spec.temperature_K).any():
                 c = int(np.argmax(t_kin))
                 raise SimulationError(f"copy {c} reached kinetic temperature {t_kin[c]:.0f} K "
                                       f"(target {self.spec.temperature_K:.0f} K): the run exploded")
-        if self.layout.check_and_recentre(s["x"]):
+        if self.n_copies == 1:
+            # a lone copy is the NoCutoff molecule: no cutoff margin to guard and no neighbour to drift
+            # towards (recentring would only move it by whole nm, which the file frame undoes)
+            if not np.isfinite(s["x"]).all():
+                raise SimulationError("non-finite positions in copy/copies [0] (the run blew up)")
+        elif self.layout.check_and_recentre(s["x"]):
             self.context.setPositions(s["x"])
 
     def checkpoint(self) -> bytes:
@@ -390,8 +425,11 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         starts, used_state = [], False
         for g, (s, size) in enumerate(zip(_starts(group_sizes), group_sizes)):
             ck = ckpt_dir / f"group{g:05d}_frame{n_done - 1}.chk"
-            if ck.exists() and a.get("platform") == platform_name:
-                starts.append(GroupStart("checkpoint", checkpoint=ck.read_bytes(), positions_nm=last_x[s:s + size]))
+            # an OpenMM checkpoint holds the integrator's variables: reuse it only with the same platform
+            # and the same integrator program (older files recorded on-step velocities in it)
+            if ck.exists() and a.get("platform") == platform_name and a.get("integrator") == INTEGRATOR_ID:
+                starts.append(GroupStart("checkpoint", checkpoint=ck.read_bytes(), positions_nm=last_x[s:s + size],
+                                         velocities=last_v[s:s + size], restart=restarts + 1))
             else:
                 used_state = True
                 starts.append(GroupStart("state", positions_nm=last_x[s:s + size], velocities=last_v[s:s + size],
@@ -403,7 +441,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
             how = "its last frame's state (no usable checkpoint)" if used_state else "the OpenMM checkpoint"
             print(f"molflow simulate: resuming {out} at frame {n_done} from {how}", file=sys.stderr)
         writer.set_attrs(time_ps_requested=max(float(time_ps), float(a.get("time_ps_requested", 0))),
-                         platform=platform_name, hardware=attrs["hardware"])
+                         platform=platform_name, hardware=attrs["hardware"], integrator=INTEGRATOR_ID)
         start_positions = mol.positions_nm
     else:
         if existing:
@@ -503,7 +541,7 @@ def run_attrs(mol: MolecularSystem, frame_fs: float, n_coefficients: int, replic
         "timestep_fs": mol.timestep_fs, "frame_interval_fs": float(frame_fs),
         "n_coefficients": n_coefficients, "n_replicas": replicas, "seed": seed,
         "platform": platform_name, "copies_per_context": cpc, "equilibration_ps": float(equilibrate_ps),
-        "cutoff_nm": cutoff, "hardware": hardware,
+        "cutoff_nm": cutoff, "hardware": hardware, "integrator": INTEGRATOR_ID,
         "time_ps_requested": float(time_ps), "kind": "reference_md",
     }
 
@@ -642,12 +680,17 @@ def resolve_platform(platform: str) -> str:
     """``auto`` -> CUDA when OpenMM can use it, else CPU; explicit names are checked."""
     names = available_platforms()
     if platform == "auto":
+        failures = []
         for gpu in ("CUDA", "HIP"):
-            if gpu in names and _platform_works(gpu):
-                return gpu
-        if _nvidia_present():
-            print("molflow: a GPU is present but OpenMM cannot use it (install molflow[cuda], i.e. "
-                  "openmm-cuda-13); running on the CPU platform", file=sys.stderr)
+            if gpu in names:
+                error = platform_error(gpu)
+                if error is None:
+                    return gpu
+                failures.append(f"{gpu}: {error}")
+        if failures or _nvidia_present():
+            why = f" ({'; '.join(failures)})" if failures else " (no CUDA platform in this OpenMM)"
+            print(f"molflow: a GPU is present but OpenMM cannot use it{why}; install molflow[cuda], i.e. "
+                  "openmm-cuda-13, or check the driver; running on the CPU platform", file=sys.stderr)
         return "CPU" if "CPU" in names else "Reference"
     if platform not in names:
         raise InputError(f"OpenMM platform {platform!r} is not available here (available: {names})")
@@ -656,13 +699,13 @@ def resolve_platform(platform: str) -> str:
 
 def hardware_description(platform: str) -> str:
     if platform in GPU_PLATFORMS:
-        try:
-            import subprocess
+        import subprocess
 
+        try:
             name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                   capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
             return f"{name} (OpenMM {platform} platform)"
-        except Exception:
+        except (OSError, subprocess.SubprocessError, IndexError):
             return platform
     return f"{cpu_description()} (OpenMM {platform} platform)"
 
@@ -680,29 +723,32 @@ def cpu_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def _platform_works(name: str) -> bool:
+def platform_error(name: str) -> str | None:
+    """None if OpenMM can make a Context on platform ``name``, else OpenMM's error, as text."""
     import openmm
 
     try:
         sys_ = openmm.System()
         sys_.addParticle(1.0)
         openmm.Context(sys_, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName(name))
-        return True
-    except Exception:
-        return False
+    except Exception as exc:  # noqa: BLE001 - OpenMM raises plain Exceptions; the text is what matters
+        return f"{type(exc).__name__}: {str(exc).strip() or 'no message'}"
+    return None
 
 
 def _nvidia_present() -> bool:
     return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 
-def _platform_obj(name: str):
+def platform_object(name: str):
+    """The OpenMM ``Platform`` called ``name``."""
     import openmm
 
     return openmm.Platform.getPlatformByName(name)
 
 
-def _platform_props(name: str, threads: int, deterministic: bool) -> dict[str, str]:
+def platform_properties(name: str, threads: int, deterministic: bool) -> dict[str, str]:
+    """Context properties molflow uses on ``name``: one thread per CPU context, mixed precision on GPUs."""
     if name == "CPU":
         return {"Threads": str(threads)}
     if name == "CUDA":
@@ -713,6 +759,9 @@ def _platform_props(name: str, threads: int, deterministic: bool) -> dict[str, s
     if name == "OpenCL":
         return {"Precision": "mixed"}
     return {}
+
+
+_platform_obj, _platform_props = platform_object, platform_properties  # old private names (noise_floor.py)
 
 
 def _ratio(a: float, b: float, what_a: str, what_b: str) -> int:

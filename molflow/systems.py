@@ -332,23 +332,40 @@ def _load_forcefield(files: tuple[str, ...]):
     return _FORCEFIELDS[key]
 
 
+def _known_residue_names(forcefield) -> set[str]:
+    """Residue names the force field or OpenMM's PDB reader knows (templates, their N/C-terminal
+    variants, and the standard residues whose bonds the PDB reader adds, e.g. HIS)."""
+    from openmm import app
+
+    names = set(getattr(forcefield, "_templates", {}))
+    names |= {n[1:] for n in names if n[:1] in ("N", "C") and len(n) == 4}
+    names |= set(getattr(app.Topology, "_standardBonds", {}))
+    return names
+
+
 def _check_templates(forcefield, topology, origin) -> None:
+    """Refuse a topology with residues the force field has no template for, naming them first.
+
+    Missing hydrogens are only suggested after the residues are named: an unknown residue name
+    (say XYZ) is not cured by adding hydrogens.
+    """
     unmatched = forcefield.getUnmatchedResidues(topology)
     if not unmatched:
         return
+    names = ", ".join(f"{r.name}{r.id}" for r in unmatched)
+    msg = f"{origin}: residue(s) {names} match no template of the force field"
+    known = _known_residue_names(forcefield)
+    unknown = sorted({r.name for r in unmatched if r.name not in known}) if known else []
+    if unknown:
+        msg += (f"; {', '.join(unknown)} is not a residue name the force field knows (rename it to a "
+                "standard residue, or add a template / force-field file for it)")
     n_h = sum(1 for a in topology.atoms() if a.element is not None and a.element.symbol == "H")
-    res = unmatched[0]
-    label = f"{res.name}{res.id}"
     if n_h == 0:
-        raise InputError(
-            f"{origin}: the structure has no hydrogens (residue {label} matches no template); "
-            "add them first, e.g. openmm.app.Modeller(top, pos).addHydrogens(forcefield) or pdbfixer"
-        )
-    names = ", ".join(sorted({f"{r.name}{r.id}" for r in unmatched}))
-    raise InputError(
-        f"{origin}: residue(s) {names} match no template of the force field "
-        "(unknown residue, missing or extra atoms, or missing hydrogens)"
-    )
+        msg += ("; the structure also has no hydrogens: add them, e.g. "
+                "openmm.app.Modeller(top, pos).addHydrogens(forcefield) or pdbfixer")
+    elif not unknown:
+        msg += " (missing or extra atoms, or missing hydrogens)"
+    raise InputError(msg)
 
 
 def _create_system(forcefield, topology, nonbonded: str, cutoff_nm: float):

@@ -73,8 +73,26 @@ def test_missing_hydrogens_gets_a_hint(tmp_path, ala2):
 def test_unknown_residue(tmp_path, ala2):
     p = tmp_path / "xyz.pdb"
     p.write_text(ala2.pdb_text.replace(" ALA ", " XYZ "))
-    with pytest.raises(InputError, match="XYZ2 match no template"):
+    with pytest.raises(InputError, match="XYZ2 match no template.*XYZ is not a residue name") as err:
         load_system(str(p))
+    assert "hydrogens: add them" not in str(err.value)  # it has its hydrogens: no such advice
+
+
+def test_unknown_residue_without_hydrogens_is_named_before_hydrogens(tmp_path, ala2):
+    """A heavy-atom PDB with an unknown residue: the residue comes first, hydrogens only after."""
+    p = tmp_path / "xyz_noH.pdb"
+    p.write_text(_heavy_only(ala2.pdb_text).replace(" ALA ", " XYZ "))
+    with pytest.raises(InputError) as err:
+        load_system(str(p))
+    msg = str(err.value)
+    assert "XYZ2" in msg and "XYZ is not a residue name" in msg and "addHydrogens" in msg
+    assert msg.index("XYZ") < msg.index("hydrogens")
+    # a known residue without hydrogens is not called unknown
+    q = tmp_path / "noH.pdb"
+    q.write_text(_heavy_only(ala2.pdb_text))
+    with pytest.raises(InputError) as err:
+        load_system(str(q))
+    assert "ALA2" in str(err.value) and "not a residue name" not in str(err.value)
 
 
 def test_unsupported_forcefield_file(tmp_path, ala2):

@@ -118,7 +118,7 @@ class Trajectory:
     @property
     def attrs(self) -> dict[str, Any]:
         """File attributes as plain Python values (settings, seed, hardware, wall_clock_s, ...)."""
-        return {k: _plain(v) for k, v in self._file.attrs.items()}
+        return {k: plain_attr(v) for k, v in self._file.attrs.items()}
 
     @property
     def n_frames(self) -> int:
@@ -234,7 +234,9 @@ class Trajectory:
                 f"n_coefficients={a.get('n_coefficients')})")
 
 
-def _plain(value: Any) -> Any:
+def plain_attr(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python: text decoded, JSON lists/dicts parsed, numpy
+    scalars and arrays as Python numbers and lists (what ``Trajectory.attrs`` returns)."""
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str) and value[:1] in "[{":
@@ -349,3 +351,6 @@ class TrajectoryWriter:
 def _resize(ds: h5py.Dataset, n: int, axis: int) -> None:
     if ds.shape[axis] != n:
         ds.resize(n, axis=axis)
+
+
+_plain = plain_attr  # the old private name, kept while cli.py, evaluation/report.py, boltzmann/sampler.py move

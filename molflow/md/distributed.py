@@ -50,8 +50,8 @@ from ..errors import InputError, MolflowError, SimulationError
 from ..seeding import random_seed
 from ..systems import MolecularSystem, load_system
 from ..trajectory import FORMAT_NAME, FORMAT_VERSION, Trajectory
-from .engine import (GPU_PLATFORMS, RESUME_KEYS, _differs, check_settings, hardware_description, plan_layout,
-                     resolve_platform, run_attrs)
+from .engine import (GPU_PLATFORMS, RESUME_KEYS, check_settings, hardware_description, plan_layout, register_executor,
+                     resolve_platform, run_attrs, settings_differ)
 from .multicopy import default_cutoff_nm
 
 INSTALL_HINT = 'pip install "molflow[dask]"'
@@ -266,7 +266,7 @@ def _run(distributed, client, mol, out, replicas, time_ps, frame_fs, n_coefficie
                       hardware, time_ps)
     if recorded:
         diffs = [f"{k}: file has {recorded.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
-                 if _differs(recorded.get(k), attrs[k])]
+                 if settings_differ(recorded.get(k), attrs[k])]
         if diffs:
             raise InputError(f"cannot resume {out}: settings differ ({'; '.join(diffs)})")
         attrs["time_ps_requested"] = max(float(time_ps), float(recorded.get("time_ps_requested", 0)))
@@ -337,3 +337,6 @@ def _run(distributed, client, mol, out, replicas, time_ps, frame_fs, n_coefficie
     if progress and not futures:
         print(f"molflow simulate: nothing to do, every shard of {out} holds {n_total} frames", file=sys.stderr)
     return Trajectory(out)
+
+
+register_executor("dask", simulate_dask)

@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -44,6 +44,17 @@ GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
 # alanine dipeptide (22 atoms) Reference 1 copy/context 1854 vs CPU platform 4 copies/context 1455,
 # 8/context 748; trialanine (42 atoms) Reference 565 vs CPU 624.
 REFERENCE_MAX_ATOMS = 32
+#: executors other than "local": name -> function with simulate's signature (less ``executor`` and
+#: ``group_offset``). Modules that provide one register it (:func:`register_executor`); the engine never
+#: imports them (``molflow.md.distributed`` registers "dask" when the ``molflow.md`` package loads).
+EXECUTORS: dict[str, Callable[..., Trajectory]] = {}
+
+
+def register_executor(name: str, run: Callable[..., Trajectory]) -> None:
+    """Make ``simulate(..., executor=name)`` call ``run`` (same arguments as :func:`simulate`)."""
+    EXECUTORS[name] = run
+
+
 #: settings that must match for ``resume`` (``time_ps`` may grow).
 RESUME_KEYS = ("system", "fingerprint", "n_replicas", "frame_interval_fs", "n_coefficients", "seed",
                "copies_per_context", "temperature_K", "friction_per_ps", "timestep_fs")
@@ -316,7 +327,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
              equilibrate_ps: float = 10.0, platform: str = "auto", seed: int | None = None,
              resume: bool = False, overwrite: bool = False, copies_per_context: int | None = None,
              workers: int | None = None, chunk_frames: int | None = None, deterministic: bool = False,
-             cutoff_nm: float | None = None, progress: bool = True, executor: str = "local",
+             cutoff_nm: float | None = None, progress: bool = True, executor: str | Callable = "local",
              scheduler: str | None = None, group_offset: int = 0, **overrides: Any) -> Trajectory:
     """Simulate ``replicas`` independent Langevin trajectories and record their Brownian paths.
 
@@ -337,7 +348,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
     chunk_frames: frames per written chunk (default: about 2 s of compute, at most 100 frames).
     deterministic: ask CUDA for deterministic forces.
     cutoff_nm: multi-copy nonbonded cutoff (default: from the molecule's size, >= 1.5 nm).
-    executor: ``local`` (this machine: worker processes or one GPU) or ``dask``: each group of
+    executor: ``local`` (this machine: worker processes or one GPU), a registered name
+        (:data:`EXECUTORS`) or a function with this signature. ``dask``: each group of
         replicas is a Dask task writing its own shard ``<out>.shards/shard-XXXX.h5``, and ``out``
         becomes an HDF5 file of virtual datasets over them (:mod:`molflow.md.distributed`).
     scheduler: Dask scheduler address (``tcp://host:8786``) for ``executor="dask"``; without it a
@@ -347,12 +359,11 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
 
     Returns the :class:`~molflow.trajectory.Trajectory` written.
     """
-    if executor not in ("local", "dask"):
-        raise InputError(f"executor must be 'local' or 'dask', got {executor!r}")
-    if executor == "dask":
-        from .distributed import simulate_dask
-
-        return simulate_dask(system, out, replicas=replicas, time_ps=time_ps, frame_fs=frame_fs,
+    if callable(executor) or executor != "local":
+        run = executor if callable(executor) else EXECUTORS.get(executor)
+        if run is None:
+            raise InputError(f"executor must be one of {['local', *sorted(EXECUTORS)]}, got {executor!r}")
+        return run(system, out, replicas=replicas, time_ps=time_ps, frame_fs=frame_fs,
                              n_coefficients=n_coefficients, equilibrate_ps=equilibrate_ps, platform=platform,
                              seed=seed, resume=resume, overwrite=overwrite, copies_per_context=copies_per_context,
                              workers=workers, chunk_frames=chunk_frames, deterministic=deterministic,
@@ -365,7 +376,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         raise InputError(f"output folder {out.parent} does not exist")
     if resume and out.exists() and _executor_of(out) == "dask":
         raise InputError(f"{out} is a sharded Dask run: resume it with --executor dask")
-    if resume and copies_per_context is None and out.exists() and _complete_frames(out) > 0:
+    if resume and copies_per_context is None and out.exists() and complete_frames(out) > 0:
         copies_per_context = int(resume_settings(out)["copies_per_context"])  # keep the file's layout
     mol = system if isinstance(system, MolecularSystem) else load_system(system, **overrides)
     if isinstance(system, MolecularSystem) and overrides:
@@ -411,7 +422,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
         with Trajectory(out) as old:
             a = old.attrs
             diffs = [f"{k}: file has {a.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
-                     if _differs(a.get(k), attrs[k])]
+                     if settings_differ(a.get(k), attrs[k])]
             if int(a.get("group_offset", 0)) != int(group_offset):
                 diffs.append(f"group_offset: file has {a.get('group_offset', 0)}, asked {group_offset}")
             if diffs:
@@ -761,9 +772,6 @@ def platform_properties(name: str, threads: int, deterministic: bool) -> dict[st
     return {}
 
 
-_platform_obj, _platform_props = platform_object, platform_properties  # old private names (noise_floor.py)
-
-
 def _ratio(a: float, b: float, what_a: str, what_b: str) -> int:
     r = a / b
     if abs(r - round(r)) > 1e-6 or round(r) < (0 if "time" in what_a else 1):
@@ -775,7 +783,8 @@ def _starts(sizes: list[int]) -> list[int]:
     return list(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int))
 
 
-def _differs(a, b) -> bool:
+def settings_differ(a, b) -> bool:
+    """Whether two recorded settings differ (floats to 1e-9)."""
     if isinstance(b, float) or isinstance(a, float):
         try:
             return abs(float(a) - float(b)) > 1e-9
@@ -784,7 +793,8 @@ def _differs(a, b) -> bool:
     return a != b
 
 
-def _complete_frames(path: Path) -> int:
+def complete_frames(path: str | os.PathLike) -> int:
+    """Complete frames of a run file (0 if it cannot be read as one)."""
     try:
         with Trajectory(path) as t:
             return t.n_frames
@@ -830,3 +840,7 @@ def resume_settings(path: str | os.PathLike) -> dict[str, Any]:
             "n_coefficients": int(a["n_coefficients"]), "time_ps": float(a["time_ps_requested"]),
             "equilibrate_ps": float(a["equilibration_ps"]), "seed": int(a["seed"]),
             "copies_per_context": int(a["copies_per_context"])}
+
+
+# old private names, kept while other modules move to the public ones (noise_floor.py, cli.py)
+_platform_obj, _platform_props, _complete_frames = platform_object, platform_properties, complete_frames

@@ -1,11 +1,24 @@
-"""Benchmark: aggregate simulated ns/day of the reference engine (not a test).
+"""Benchmark: the reference engine against stock OpenMM, and its aggregate ns/day (not a test).
 
-For R = 1, 8, 64, 512, 2048 replicas of alanine dipeptide on every OpenMM platform present, with
+Part 1, per core against stock OpenMM (DESIGN.md section 10: speed is a ratio measured in one run).
+One replica of alanine dipeptide, 1 fs steps, frames every ``--frame-fs``: stock OpenMM's
+``LangevinMiddleIntegrator`` (same force field and protocol, NoCutoff, on the faster of Reference
+and CPU with one thread, chosen by measurement in the run; a position read per frame, as a
+reporter would) against molflow's engine as ``molflow simulate`` runs it (platform and layout
+from ``plan_layout``, the engine's own ``Group``: steps, coefficient read-out, frame read, guards;
+HDF5 writing excluded) at N = 0, 3, 8. They run interleaved, ``--rounds`` rounds of
+``--frames`` frames each in alternating order; per round the ratio stock time / molflow time is
+taken, and the table reports medians: us per step by thread CPU time (the machine's other core
+may be busy; the CPU time of one thread is what "per core" means) and by wall clock.
+Target (issue 18): N = 3 at >= 0.8x stock's steps per second.
+
+Part 2: for R = 1, 8, 64, 512, 2048 replicas of alanine dipeptide on every OpenMM platform present, with
 and without coefficient recording (N = 3 vs 0), it runs the real engine (`molflow.simulate`, the
 platform's default replica layout) and reads its steady-state throughput (setup and
 equilibration excluded), then prints a table and writes JSON with hardware, versions and settings.
 
     python benchmarks/md_throughput.py --size small --out md_throughput.json   # CPU-sized
+    python benchmarks/md_throughput.py --compare-only --out md_throughput_stock.json  # part 1 only
     python benchmarks/md_throughput.py --size full --platforms CUDA --out md_throughput_gpu.json
 
 Target on a GPU (issue #2): >= 300 us/day aggregate with recording at 512+ copies on an H100.
@@ -24,7 +37,11 @@ from pathlib import Path
 import numpy as np
 
 import molflow
-from molflow.md.engine import GPU_PLATFORMS, available_platforms, hardware_description
+from molflow.md.engine import (GPU_PLATFORMS, Group, GroupStart, RunSpec, available_platforms, cpu_description,
+                               hardware_description, minimise, plan_layout, platform_object, platform_properties,
+                               resolve_platform)
+from molflow.md.multicopy import default_cutoff_nm
+from molflow.systems import load_system
 
 SIZES = {  # replicas -> simulated ps per replica (enough chunks for a steady-state rate)
     "small": {"CPU": {1: 20, 8: 5, 64: 1}, "Reference": {1: 20, 8: 3}, "GPU": {1: 20, 8: 20, 64: 20, 512: 10, 2048: 5}},
@@ -50,14 +67,121 @@ def run_one(platform: str, replicas: int, time_ps: float, n_coefficients: int, w
             "ns_per_day_per_replica": rate / replicas, "wall_s_total": wall}
 
 
+def _stock_context(mol, x0, platform: str, seed: int):
+    import openmm
+
+    integ = openmm.LangevinMiddleIntegrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs / 1000.0)
+    integ.setRandomNumberSeed(seed)
+    ctx = openmm.Context(mol.create_system("nocutoff"), integ, platform_object(platform),
+                         platform_properties(platform, 1, False))
+    ctx.setPositions(x0)
+    ctx.setVelocitiesToTemperature(mol.temperature_K, seed)
+    integ.step(1000)
+    return ctx, integ
+
+
+def _time(fn) -> tuple[float, float]:
+    c0, w0 = time.thread_time(), time.perf_counter()
+    fn()
+    return time.thread_time() - c0, time.perf_counter() - w0
+
+
+def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 8)) -> dict:
+    """Part 1 (module docstring): interleaved stock OpenMM vs molflow's engine, per core."""
+    mol = load_system("alanine_dipeptide")
+    x0 = minimise(mol)
+    K = int(round(frame_fs / mol.timestep_fs))
+    # stock OpenMM on its best CPU platform (one thread), chosen by measurement
+    candidates = [p for p in ("Reference", "CPU") if p in available_platforms()]
+    trial = {}
+    for p in candidates:
+        ctx, integ = _stock_context(mol, x0, p, seed=7)
+        trial[p] = min(_time(lambda: integ.step(500))[0] for _ in range(3)) / 500 * 1e6
+        del ctx, integ
+    stock_platform = min(trial, key=trial.get)
+    s_ctx, s_integ = _stock_context(mol, x0, stock_platform, seed=7)
+
+    def stock_frames():
+        for _ in range(frames):
+            s_integ.step(K)
+            s_ctx.getState(getPositions=True).getPositions(asNumpy=True)
+
+    # molflow's engine exactly as `molflow simulate` plans one replica on this machine
+    platform, cpc = plan_layout(mol, 1, "auto", resolve_platform("auto"), None, os.cpu_count() or 1)
+    ours, groups = {}, {}
+    for n in n_values:
+        spec = RunSpec(pdb_text=mol.pdb_text, forcefield=tuple(mol.forcefield_files), name=mol.name,
+                       temperature_K=mol.temperature_K, friction_per_ps=mol.friction_per_ps,
+                       timestep_fs=mol.timestep_fs, steps_per_frame=K, n_coefficients=n, platform=platform,
+                       threads=1, deterministic=False, cutoff_nm=default_cutoff_nm(mol.positions_nm), seed=11,
+                       equilibration_steps=1000, start_positions_nm=x0)
+        g = Group(spec, 0, cpc, mol)
+        g.start(GroupStart("fresh"))
+        groups[n] = g
+        gen = g.run(10 ** 9)
+        ours[f"molflow N={n}"] = lambda gen=gen: [next(gen) for _ in range(frames)]
+    runs = {"stock": stock_frames, **ours}
+    cpu = {k: [] for k in runs}
+    wall = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            c, w = _time(runs[k])
+            cpu[k].append(c / (frames * K) * 1e6)
+            wall[k].append(w / (frames * K) * 1e6)
+    rows = []
+    for k in names:
+        c, w = np.array(cpu[k]), np.array(wall[k])
+        rows.append({"what": k, "platform": stock_platform if k == "stock" else platform,
+                     "copies_per_context": 1 if k == "stock" else cpc,
+                     "n_coefficients": None if k == "stock" else int(k.split("=")[1]),
+                     "substeps_per_call": None if k == "stock" else groups[int(k.split("=")[1])].substeps,
+                     "us_per_step_cpu_median": float(np.median(c)), "us_per_step_wall_median": float(np.median(w)),
+                     "ratio_stock_over_this_cpu_median": float(np.median(np.array(cpu["stock"]) / c)),
+                     "ratio_stock_over_this_wall_median": float(np.median(np.array(wall["stock"]) / w)),
+                     "us_per_step_cpu_all": [round(x, 2) for x in c]})
+    return {"frame_fs": float(frame_fs), "steps_per_frame": K, "frames_per_round": frames, "rounds": rounds,
+            "stock": {"integrator": "LangevinMiddleIntegrator", "platform": stock_platform, "threads": 1,
+                      "platform_trial_us_per_step_cpu": trial, "per_frame": "getState(positions)"},
+            "molflow": {"platform": platform, "copies_per_context": cpc,
+                        "per_frame": "positions, velocities, forces, energy, N coefficients, guards "
+                                     "(Group.run; HDF5 writing excluded)"},
+            "rows": rows}
+
+
+def print_comparison(cmp: dict) -> None:
+    print(f"\nper core, one replica, 1 fs steps, frames every {cmp['frame_fs']:g} fs "
+          f"({cmp['rounds']} interleaved rounds of {cmp['frames_per_round']} frames; medians)")
+    print(f"{'':16s}{'platform':>10s}{'us/step cpu':>13s}{'us/step wall':>14s}{'stock/this cpu':>16s}"
+          f"{'stock/this wall':>17s}")
+    for r in cmp["rows"]:
+        print(f"{r['what']:16s}{r['platform']:>10s}{r['us_per_step_cpu_median']:13.1f}{r['us_per_step_wall_median']:14.1f}"
+              f"{r['ratio_stock_over_this_cpu_median']:16.3f}{r['ratio_stock_over_this_wall_median']:17.3f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["small", "full"], default="small")
     ap.add_argument("--platforms", nargs="+", help="default: every platform present")
     ap.add_argument("--out", default="md_throughput.json")
+    ap.add_argument("--compare-only", action="store_true", help="only part 1 (stock OpenMM vs molflow, per core)")
+    ap.add_argument("--no-compare", action="store_true", help="only part 2 (aggregate ns/day)")
+    ap.add_argument("--frame-fs", type=float, nargs="+", default=[100.0, 20.0],
+                    help="frame intervals of part 1 (default 100 20)")
+    ap.add_argument("--frames", type=int, default=5, help="frames per round of part 1 at 100 fs (scaled to keep "
+                    "the steps per round equal at other intervals)")
+    ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args(argv)
     platforms = args.platforms or [p for p in available_platforms() if p in ("Reference", "CPU", *GPU_PLATFORMS)]
+    comparisons = []
+    if not args.no_compare:
+        for fr in args.frame_fs:
+            cmp = stock_comparison(fr, max(1, int(round(args.frames * 100.0 / fr))), args.rounds)
+            print_comparison(cmp)
+            comparisons.append(cmp)
     rows = []
+    if args.compare_only:
+        platforms = []
     with tempfile.TemporaryDirectory() as tmp:
         for plat in platforms:
             sizes = SIZES[args.size]["GPU" if plat in GPU_PLATFORMS else plat]
@@ -80,12 +204,16 @@ def main(argv=None) -> int:
         "benchmark": "md_throughput", "size": args.size, "system": "alanine_dipeptide",
         "settings": {"frame_fs": 100, "timestep_fs": 1.0, "equilibrate_ps": 0.0,
                      "rate": "steady state after the first written chunk (setup excluded)"},
-        "hardware": {p: hardware_description(p) for p in platforms}, "cpu_count": os.cpu_count(),
+        "hardware": {p: hardware_description(p) for p in platforms}, "cpu": cpu_description(),
+        "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),
+        "stock_comparison": comparisons,
         "versions": {"molflow": molflow.__version__, "openmm": openmm.__version__, "numpy": np.__version__,
                      "h5py": h5py.__version__, "torch": torch.__version__, "python": _pf.python_version()},
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
+    for cmp in comparisons:
+        print_comparison(cmp)
     print(f"\n{'platform':10s}{'R':>6s}{'N':>3s}{'ns/day agg':>14s}{'x single':>10s}")
     for r in rows:
         sp = r["speedup_vs_single_copy"]

@@ -7,6 +7,7 @@ equipartition predicts, and an aborted samples file is flagged with counts from 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -220,3 +221,18 @@ def test_other_system_refused(two_runs, tmp_path):
     molflow.simulate("trialanine", tri, replicas=1, time_ps=0.3, equilibrate_ps=0.1, seed=3, progress=False).close()
     with pytest.raises(molflow.InputError, match="different systems"):
         molflow.evaluate(ref, tri, tmp_path / "x")
+
+
+def test_one_replica_falls_back_to_time_halves():
+    from molflow.evaluation.report import RunData, split_reference
+
+    F = 11
+    phi = np.arange(F, dtype=float)[None] / F
+    run = RunData("r", phi, phi.copy(), 0.1, np.zeros((1, F, 3, 3)), None, np.arange(F), {})
+    sp = split_reference(run)
+    assert sp.construction == "time_halves" and "fallback" in sp.description
+    assert sp.held_out.phi.tolist() == phi[:, :5].tolist() and sp.judge.phi.tolist() == phi[:, 5:].tolist()
+    three = dataclasses.replace(run, phi=np.repeat(phi, 3, 0), psi=np.repeat(phi, 3, 0),
+                                positions=np.zeros((3, F, 3, 3)))
+    sp = split_reference(three)
+    assert sp.construction == "replicas" and sp.held_out.phi.shape[0] == 1 and sp.judge.phi.shape[0] == 2

@@ -36,7 +36,7 @@ import torch
 import molflow
 from molflow.evaluation.structure import kabsch_rmsd, rmsd
 from molflow.models import MapConfig
-from molflow.sampling import build_model
+from molflow.models.molecular import build_model
 from molflow.training.data import FrameData
 
 N_COEFFICIENTS = 3

@@ -196,7 +196,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    from molflow.sampling import device_description, resolve_device
+    from molflow.devices import device_description, resolve_device
 
     dev = resolve_device(args.device)
     timings = {}

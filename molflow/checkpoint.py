@@ -15,15 +15,37 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..errors import InputError
+from . import __version__
+from .errors import InputError
 
 FORMAT = "molflow-flowmap"
 
 
+#: payload entries holding network weights: they must be finite to be written or read
+WEIGHT_KEYS = ("model", "ema")
+
+
+def non_finite_tensors(payload: dict[str, Any]) -> list[str]:
+    """Names ``key.tensor`` of the weight tensors in ``payload`` holding NaN or infinity."""
+    bad = []
+    for key in WEIGHT_KEYS:
+        for name, t in (payload.get(key) or {}).items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{key}.{name}")
+    return bad
+
+
+def _describe_non_finite(bad: list[str]) -> str:
+    return f"{len(bad)} weight tensor(s) hold NaN or infinity ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write atomically (a crash never leaves a half-written checkpoint)."""
+    """Write atomically (a crash never leaves a half-written checkpoint). Refuses non-finite weights:
+    a checkpoint on disk is always one a sampler can use."""
     path = Path(path)
+    bad = non_finite_tensors(payload)
+    if bad:
+        raise ValueError(f"refusing to write {path}: {_describe_non_finite(bad)}")
     out = {"format": FORMAT, "molflow_version": __version__}
     for key, value in payload.items():
         out[key] = json.dumps(value) if key.endswith("_json") else value
@@ -42,13 +64,24 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such checkpoint: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic == b"\x89HDF\r\n\x1a\n":
+        raise InputError(f"{path} is an HDF5 file (a trajectory or samples file), not a molflow {kind} "
+                         "checkpoint; `molflow info` tells what it holds")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{path} is not a readable molflow checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:  # never suggest unsafe loading: name the problem only
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        if "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ or "pickle" in str(exc).lower():
+            first = "it holds objects that a safe (weights-only) load refuses"
+        raise InputError(f"{path} is not a readable molflow checkpoint ({kind}; {type(exc).__name__}: {first})") from None
     if not isinstance(ck, dict) or ck.get("format") != expected_format:
         raise InputError(f"{path} is not a molflow {kind} checkpoint")
+    bad = non_finite_tensors(ck)
+    if bad:
+        raise InputError(f"{path}: {_describe_non_finite(bad)}; this map cannot "
+                         "sample: retrain it")
     for key in list(ck):
         if key.endswith("_json"):
             ck[key] = json.loads(ck[key])

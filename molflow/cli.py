@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", default="auto", help="OpenMM platform (default auto)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = sub.add_parser("train", help="train a flow map on reference runs",
                        description="Train the equivariant strong stochastic flow map of a system on "
@@ -95,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes (DDP): one per GPU on CUDA, N gloo processes on CPU; the "
                         "global batch is unchanged (default 1; under torchrun its processes are used)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
-    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint (same schedule; "
+                                                            "a larger --steps extends the run)")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
     p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, ...)")
 
     p = sub.add_parser("sample", help="few-step rollouts with a trained flow map",
@@ -119,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pathwise", action="store_true", help="drive the rollouts with --from's recorded path")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--finish-steps", type=int, metavar="K",
+                   help="force-field Langevin steps at high friction after every jump, handing bonds and angles "
+                        "back to the force field (default: what the model's checkpoint recommends; 0: none)")
+    p.add_argument("--finish-friction-per-ps", type=float, default=300.0,
+                   help="friction of the finish, 1/ps (default 300)")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="allow --tau-ps above the longest jump the model was trained for")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an existing sampled run")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
     p.add_argument("--config", help="YAML file of settings (batch_size, lr, n_features, n_layers, networks, eta, ...)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
 
     p = sub.add_parser("sample-boltzmann", help="i.i.d. equilibrium conformations, optionally with exact weights",
                        description="Draw conformations with a trained Boltzmann sampler in --steps map steps and "
@@ -211,9 +225,9 @@ def _kept(args) -> str:
     """What an interrupted command left behind, for the user."""
     out = getattr(args, "out", None)
     if args.command == "simulate" and out and Path(out).exists():
-        from .md.engine import _complete_frames
+        from .md.engine import complete_frames
 
-        return f"; kept {_complete_frames(Path(out))} complete frames in {out}: continue with --resume"
+        return f"; kept {complete_frames(Path(out))} complete frames in {out}: continue with --resume"
     if args.command == "sample" and out and Path(out).exists():
         from .trajectory import Trajectory
 
@@ -274,11 +288,23 @@ def _floats(text: str, name: str) -> list[float]:
         raise InputError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
+def _whole(values: list[float], name: str) -> list[int]:
+    from .errors import InputError
+
+    bad = [v for v in values if v != int(v)]
+    if bad:
+        raise InputError(f"{name} must be whole numbers, got {bad[0]:g}")
+    return [int(v) for v in values]
+
+
 def _floor(args) -> int:
+    from .errors import InputError
     from .noise_floor import floor
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"{args.out} exists: pass --overwrite to replace it")
     result = floor(args.system, tau_ps=_floats(args.tau_ps, "--tau-ps"),
-                   n_coefficients=[int(n) for n in _floats(args.coefficients, "--coefficients")],
+                   n_coefficients=_whole(_floats(args.coefficients, "--coefficients"), "--coefficients"),
                    starts=args.starts, seed=args.seed, equilibrate_ps=args.equilibrate_ps,
                    platform=args.platform, out=args.out, progress=not args.quiet)
     if not args.quiet:
@@ -312,7 +338,8 @@ def _train(args) -> int:
     config = _read_config(args.config)
     out = train(args.system, data=args.data, out=args.out, tau_max_ps=args.tau_max_ps,
                 n_coefficients=args.coefficients, steps=args.steps, device=args.device, seed=args.seed,
-                resume=args.resume, config=config, progress=not args.quiet, devices=args.devices)
+                resume=args.resume, overwrite=args.overwrite, config=config, progress=not args.quiet,
+                devices=args.devices)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(f"wrote {out} (metrics: {out}.metrics.csv)")
     return 0
@@ -343,6 +370,7 @@ def _sample(args) -> int:
     brownian = None
     attrs = {}
     if args.pathwise:
+        start_states_from_run(args.from_run, 1, system=fm.system)  # refuses another molecule's run
         x0, v0, brownian = pathwise_inputs(args.from_run, tau, n_coefficients=fm.n_coefficients, replicas=replicas)
         jumps = jumps or min(100, brownian.shape[1])
         if jumps > brownian.shape[1]:
@@ -350,18 +378,26 @@ def _sample(args) -> int:
         brownian = brownian[:, :jumps]
         attrs = pathwise_attrs(args.from_run)
     elif args.from_run:
-        x0, v0 = start_states_from_run(args.from_run, replicas or 16)
+        x0, v0 = start_states_from_run(args.from_run, replicas or 16, system=fm.system)
         attrs = {"start_from": f"{args.from_run} (replicas and frames spread evenly, first 10% skipped)"}
     else:
         x0, v0 = start_states_from_system(fm.system, replicas or 16, seed=seed)
         attrs = {"start_from": f"minimised {fm.system.name} with Maxwell-Boltzmann velocities"}
     jumps = int(jumps or 100)
+    finish = None  # the checkpoint's recommendation
+    if args.finish_steps is not None or recorded.get("finish_steps") is not None:
+        from .finish import FinishConfig
+
+        steps = args.finish_steps if args.finish_steps is not None else int(recorded["finish_steps"])
+        friction = args.finish_friction_per_ps if args.finish_steps is not None else float(
+            recorded.get("finish_friction_per_ps", args.finish_friction_per_ps))
+        finish = FinishConfig(n_steps=steps, friction_per_ps=friction)
     if not args.quiet:
         print(f"molflow sample: model={args.model} tau={tau:g} ps mode={mode} pathwise={args.pathwise} "
               f"replicas={len(x0)} jumps={jumps} seed={seed} device={fm.device}", file=sys.stderr)
     traj = fm.sample((x0, v0), n_jumps=jumps, tau_ps=float(tau), replicas=len(x0), seed=int(seed), mode=mode,
                      brownian=brownian, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.quiet, attrs=attrs)
+                     progress=not args.quiet, attrs=attrs, extrapolate=args.extrapolate, finish=finish)
     if not args.quiet:
         a = traj.attrs
         ns = traj.n_replicas * (traj.n_frames - 1) * float(tau) / 1000.0
@@ -376,7 +412,8 @@ def _train_boltzmann(args) -> int:
     from .boltzmann.training import train_boltzmann
 
     out = train_boltzmann(args.system, data=args.data, out=args.out, steps=args.steps, device=args.device,
-                          seed=args.seed, config=_read_config(args.config), progress=not args.quiet)
+                          seed=args.seed, config=_read_config(args.config), progress=not args.quiet,
+                          resume=args.resume, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -425,7 +462,7 @@ def _info(args) -> int:
     if str(args.file).endswith((".pt", ".pth")):
         import torch
 
-        from .training.checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint
 
         try:
             fmt = torch.load(args.file, map_location="cpu", weights_only=True).get("format")
@@ -444,19 +481,27 @@ def _info(args) -> int:
         info = {"path": str(args.file), "kind": "flow-map checkpoint", "step": ck.get("step"),
                 "h0_ps": ck.get("h0_ps"), "molflow_version": ck.get("molflow_version"),
                 "system": {k: v for k, v in ck["system_json"].items() if k != "pdb"},
-                "map_config": ck["map_config_json"], "train_config": ck["train_config_json"]}
-        print(json.dumps(info, indent=2, default=str))
+                "map_config": ck["map_config_json"], "train_config": ck["train_config_json"],
+                "health": ck.get("health_json"), "sample_finish": ck.get("sample_finish_json"),
+                "verdict": ck.get("verdict_json")}
+        verdict = (ck.get("verdict_json") or {}).get("line", "verdict: none recorded (trained before molflow "
+                                                               "recorded verdicts, or with verdict_replicas 0)")
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            print(json.dumps({k: v for k, v in info.items() if k != "verdict"}, indent=2, default=str))
+            print(verdict)
         return 0
     from .evaluation.report import is_iid_samples
 
     if is_iid_samples(args.file):
         import h5py
 
-        from .trajectory import _plain
+        from .trajectory import plain_attr
 
         with h5py.File(args.file, "r", locking=False) as f:
             info = {"path": str(args.file), "datasets": {k: list(f[k].shape) for k in f},
-                    **{k: _plain(v) for k, v in f.attrs.items() if k != "pdb"}}
+                    **{k: plain_attr(v) for k, v in f.attrs.items() if k != "pdb"}}
     else:
         with Trajectory(args.file) as t:
             a = t.attrs

@@ -12,3 +12,7 @@ class InputError(MolflowError, ValueError):
 
 class SimulationError(MolflowError, RuntimeError):
     """A simulation went wrong (NaN, exploding energy, molecule grew past the cutoff margin)."""
+
+
+class TrainingError(MolflowError, RuntimeError):
+    """Training could not go on (non-finite losses that restoring the last good state did not cure)."""

@@ -328,7 +328,7 @@ class _ForcePool:
         if n not in self._built:
             import openmm
 
-            from .md.engine import _platform_obj, _platform_props
+            from .md.engine import platform_object, platform_properties
             from .md.multicopy import make_layout, multicopy_system
 
             groups = []
@@ -336,7 +336,7 @@ class _ForcePool:
                 c = min(self.cpc, n - s)
                 ctx = openmm.Context(multicopy_system(self.mol, c, self.cutoff),
                                      openmm.VerletIntegrator(self.mol.timestep_fs / 1000.0),
-                                     _platform_obj(self.platform), _platform_props(self.platform, 1, False))
+                                     platform_object(self.platform), platform_properties(self.platform, 1, False))
                 groups.append((slice(s, s + c), ctx, make_layout(c, self.mol.positions_nm, self.cutoff)))
             self._built[n] = groups
         return self._built[n]

@@ -38,10 +38,12 @@ import torch
 from . import __version__
 from .brownian import compose, sample_coefficients
 from .errors import InputError, SimulationError
-from .models.molecular import MapConfig, MolecularFlowMap, atom_features
+from .finish import FinishConfig, LangevinFinish
+from .models.molecular import MapConfig, MolecularFlowMap, build_model
 from .seeding import random_seed
 from .systems import MolecularSystem, load_system, system_from_pdb_text
-from .training.checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint
+from .devices import device_description, resolve_device
 from .units import kinetic_temperature
 
 #: a bond shorter/longer than these multiples of its start length marks an exploded replica
@@ -52,46 +54,24 @@ BOND_RANGE = (0.5, 1.5)
 EXPLOSION_FACTOR = 5.0
 #: settings that must match to resume a sampled run (``n_jumps`` may grow)
 RESUME_KEYS = ("model_fingerprint", "fingerprint", "n_replicas", "tau_ps", "mode", "pathwise", "seed",
-               "n_coefficients")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when torch sees a GPU, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: torch sees no CUDA GPU here")
-    return dev
-
-
-def device_description(device: torch.device) -> str:
-    """GPU name, or CPU model and core count, for the ``hardware`` attribute."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    from .md.engine import cpu_description
-
-    return f"{cpu_description()} (torch {torch.__version__} CPU)"
-
-
-def build_model(system: MolecularSystem, config: MapConfig) -> MolecularFlowMap:
-    scal, edges = atom_features(system)
-    return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config)
+               "n_coefficients", "finish_steps", "finish_friction_per_ps")
 
 
 # ----------------------------------------------------------------------------- start states
 
 
-def start_states_from_run(path: str | os.PathLike, replicas: int, skip_fraction: float = 0.1
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def start_states_from_run(path: str | os.PathLike, replicas: int, skip_fraction: float = 0.1,
+                          system: MolecularSystem | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``replicas`` start states (x nm, v nm/ps; each (R, A, 3)) spread evenly over the replicas
-    and frames of a run, skipping the first ``skip_fraction`` of every replica's frames."""
+    and frames of a run, skipping the first ``skip_fraction`` of every replica's frames. With
+    ``system`` (the model's), a run of another molecule or other settings is refused, naming both."""
     from .trajectory import Trajectory
 
     with Trajectory(path) as t:
+        if system is not None and t.attrs.get("fingerprint") != system.fingerprint:
+            raise InputError(f"{path} is a run of {t.attrs.get('system')!r} (fingerprint {t.attrs.get('fingerprint')}), "
+                             f"but the model was trained for {system.name!r} (fingerprint {system.fingerprint}): "
+                             "atoms, bonds, force field or Langevin settings differ")
         R, F = t.n_replicas, t.n_frames
         if F < 1:
             raise InputError(f"{path} has no complete frame to start from")
@@ -216,13 +196,20 @@ class FlowMap:
         dev = resolve_device(device)
         return cls(model.to(dev), mol, ck["h0_ps"], {"path": str(path), "step": ck.get("step"),
                                                       "fingerprint": s["fingerprint"],
-                                                      "train_config": ck.get("train_config_json")})
+                                                      "train_config": ck.get("train_config_json"),
+                                                      "sample_finish": ck.get("sample_finish_json"),
+                                                      "verdict": ck.get("verdict_json")})
 
     @property
     def tau_max_ps(self) -> float | None:
         """The longest jump the map was trained for (ps), when the checkpoint says."""
         cfg = self.metadata.get("train_config") or {}
         return cfg.get("tau_max_ps")
+
+    def default_finish(self) -> FinishConfig:
+        """The finish recorded with the map (``sample_finish`` in its checkpoint), else none."""
+        rec = self.metadata.get("sample_finish")
+        return FinishConfig(**rec) if rec else FinishConfig(n_steps=0)
 
     @torch.no_grad()
     def jump(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, tau_ps: float | torch.Tensor,
@@ -246,7 +233,8 @@ class FlowMap:
                brownian: np.ndarray | None = None, out: str | os.PathLike | None = None,
                resume: bool = False, overwrite: bool = False, chunk_jumps: int | None = None,
                batch_size: int = 4096, max_retries: int = 10, progress: bool = False,
-               attrs: dict[str, Any] | None = None):
+               attrs: dict[str, Any] | None = None, finish: FinishConfig | int | None = None,
+               extrapolate: bool = False):
         """Roll out ``n_jumps`` jumps of ``tau_ps`` (ps) from ``initial_states`` = (x nm, v nm/ps),
         each (S, A, 3).
 
@@ -256,6 +244,12 @@ class FlowMap:
         of ``chunk_jumps`` jumps to that HDF5 file (DESIGN.md section 5 layout, forces and energies
         omitted) and returns it as a :class:`~molflow.trajectory.Trajectory`; ``resume=True``
         continues it (``n_jumps`` is the total), ``overwrite=True`` replaces it.
+
+        ``finish``: a :class:`~molflow.finish.FinishConfig` (or its number of steps) — force-field
+        Langevin steps at high friction after every jump that hand bonds and angles back to the
+        force field (:mod:`molflow.finish`); None: the checkpoint's recommended finish (none for
+        maps that do not record one). A ``tau_ps`` above the map's trained ``tau_max`` is refused
+        unless ``extrapolate=True``.
         """
         if mode not in ("sample", "mean"):
             raise InputError(f"mode must be 'sample' or 'mean', not {mode!r}")
@@ -275,13 +269,23 @@ class FlowMap:
         steps = tau_ps / dt_ps
         if tau_ps <= 0 or abs(steps - round(steps)) > 1e-6 or round(steps) < 1:
             raise InputError(f"tau {tau_ps} ps is not a positive whole number of {dt_ps} ps timesteps")
+        tmax = self.tau_max_ps
+        if tmax is not None and tau_ps > tmax * (1 + 1e-9):
+            msg = (f"tau {tau_ps:g} ps is above the longest jump this map was trained for ({tmax:g} ps)")
+            if not extrapolate:
+                raise InputError(msg + ": sample at tau <= tau_max, or pass --extrapolate (extrapolate=True) "
+                                 "to try anyway")
+            print(f"molflow sample: warning: {msg}; extrapolating as asked", file=sys.stderr)
+        finish = self.default_finish() if finish is None else (
+            finish if isinstance(finish, FinishConfig) else FinishConfig(n_steps=int(finish)))
         N = self.n_coefficients
         if brownian is not None:
             brownian = np.asarray(brownian)
             if brownian.shape[:3] != (R, n_jumps, N) or brownian.shape[3:] != (A, 3):
                 raise InputError(f"brownian must have shape ({R}, {n_jumps}, {N}, {A}, 3), not {brownian.shape}")
         seed = random_seed() if seed is None else int(seed)
-        rollout = _Rollout(self, x0, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries)
+        rollout = _Rollout(self, x0, tau_ps, int(round(steps)), mode, seed, brownian, batch_size, max_retries,
+                           finish)
         if out is None:
             xs, vs, Ls = [x0.astype(np.float32)], [v0.astype(np.float32)], []
             for k in range(n_jumps):
@@ -294,24 +298,27 @@ class FlowMap:
                     "restarts_per_replica": rollout.restarts, "stopped_at_jump": rollout.stopped_at,
                     "seed": seed}
         meta = {**(attrs or {}), "mode": mode, "pathwise": brownian is not None, "tau_ps": float(tau_ps),
-                "n_replicas": R, "seed": seed, "n_coefficients": N}
+                "n_replicas": R, "seed": seed, "n_coefficients": N, **finish.to_attrs()}
         return _sample_to_file(self, rollout, x0, v0, n_jumps, Path(out), meta, resume, overwrite,
                                chunk_jumps, progress)
 
 
 class _Rollout:
-    """Jump k of every replica, with the guards; random numbers depend on (seed, k, replica, retry).
-
-    ``x0`` (R, A, 3): the start states; their mean bond lengths are the guard's reference.
-    """
+    """Jump k of every replica, with the finish and the guards; random numbers depend on
+    (seed, k, replica, retry). ``x0`` (R, A, 3): the start states; their mean bond lengths are the
+    guard's reference."""
 
     def __init__(self, fm: FlowMap, x0: np.ndarray, tau_ps: float, n_steps: int, mode: str, seed: int,
-                 brownian: np.ndarray | None, batch_size: int, max_retries: int):
+                 brownian: np.ndarray | None, batch_size: int, max_retries: int,
+                 finish: FinishConfig | None = None):
         self.fm, self.tau, self.n_steps, self.mode, self.seed = fm, float(tau_ps), n_steps, mode, seed
         self.brownian, self.batch_size, self.max_retries = brownian, int(batch_size), int(max_retries)
+        self.finish_config = finish or FinishConfig()
+        self.finish = LangevinFinish(fm.system, self.finish_config) if self.finish_config.n_steps else None
         R = len(x0)
         self.restarts = np.zeros(R, dtype=np.int64)
         self.stopped_at = np.full(R, -1, dtype=np.int64)  # jump (1-based) at which a replica stopped, -1 running
+        self.last_failure = ""  # what the guard saw last (named in the error when every replica stops)
         self.bonds = np.asarray(fm.system.bonds, dtype=int).reshape(-1, 2)
         self.bond_ref = self._bond_lengths(x0).mean(0)
 
@@ -327,7 +334,8 @@ class _Rollout:
                                 n_steps=self.n_steps, dt_ps=self.tau / self.n_steps)
         return np.moveaxis(L, 0, 1).astype(np.float32)
 
-    def _jump(self, x: np.ndarray, v: np.ndarray, L: np.ndarray, gen: torch.Generator):
+    def _jump(self, x: np.ndarray, v: np.ndarray, L: np.ndarray, gen: torch.Generator, rng: np.random.Generator):
+        """Network jump (batched) then the finish; the finish's noise comes from ``rng``."""
         fm = self.fm
         outx, outv = [], []
         for s in range(0, len(x), self.batch_size):
@@ -336,47 +344,135 @@ class _Rollout:
             xt, vt = fm.jump(*t, self.tau, self.mode, gen)
             outx.append(xt.double().cpu().numpy())
             outv.append(vt.double().cpu().numpy())
-        return np.concatenate(outx), np.concatenate(outv)
+        xn, vn = np.concatenate(outx), np.concatenate(outv)
+        if self.finish is not None:
+            noise = rng.standard_normal(self.finish.noise_shape(len(x)))
+            # bonds and angles are harmonic in the force field, so the finish also repairs a stretched
+            # bond; only non-finite states are kept from it (the guard after it judges the result)
+            ok = np.isfinite(xn).all(axis=(1, 2)) & np.isfinite(vn).all(axis=(1, 2))
+            if ok.any():
+                xn[ok], vn[ok] = self.finish(xn[ok], vn[ok], noise[ok])
+        return xn, vn
+
+    def _failures(self, x: np.ndarray, v: np.ndarray) -> list[str]:
+        """Per replica: '' when healthy, else what the guard saw (which guard, which bond)."""
+        sys_ = self.fm.system
+        out = []
+        names = [f"{a.residue.name}{a.residue.index + 1}:{a.name}" for a in sys_.topology.atoms()]
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            ratio = self._bond_lengths(x) / self.bond_ref
+            t_kin = kinetic_temperature(np.where(np.isfinite(v), v, 0.0), sys_.masses_amu)
+        for i in range(len(x)):
+            if not (np.isfinite(x[i]).all() and np.isfinite(v[i]).all()):
+                out.append("non-finite positions or velocities")
+                continue
+            r = ratio[i]
+            off = np.nonzero(~((r > BOND_RANGE[0]) & (r < BOND_RANGE[1])))[0]
+            if len(off):
+                j = off[np.argmax(np.abs(np.log(r[off])))]
+                a, b = self.bonds[j]
+                out.append(f"bond guard: {names[a]}-{names[b]} at {r[j]:.2f}x its start length "
+                           f"(allowed {BOND_RANGE[0]:g}-{BOND_RANGE[1]:g}x)" + (f", {len(off) - 1} more bond(s)" if len(off) > 1 else ""))
+            elif t_kin[i] > EXPLOSION_FACTOR * sys_.temperature_K:
+                out.append(f"temperature guard: kinetic temperature {t_kin[i]:.0f} K "
+                           f"(> {EXPLOSION_FACTOR:g}x the thermostat's {sys_.temperature_K:g} K)")
+            else:
+                out.append("")
+        return out
 
     def _bad(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
-        sys_ = self.fm.system
-        finite = np.isfinite(x).all(axis=(1, 2)) & np.isfinite(v).all(axis=(1, 2))
-        with np.errstate(invalid="ignore"):
-            ratio = self._bond_lengths(x) / self.bond_ref
-            bad = ~finite | ~((ratio > BOND_RANGE[0]) & (ratio < BOND_RANGE[1])).all(1)
-        with np.errstate(invalid="ignore", over="ignore"):
-            t_kin = kinetic_temperature(np.where(finite[:, None, None], v, 0.0), sys_.masses_amu)
-        return bad | (t_kin > EXPLOSION_FACTOR * sys_.temperature_K)
+        return np.array([bool(f) for f in self._failures(x, v)], dtype=bool)
+
+    def _rngs(self, *key: int) -> tuple[np.random.Generator, torch.Generator, np.random.Generator]:
+        """(coefficient rng, latent generator, finish rng) for one draw, from (seed, *key)."""
+        rng = np.random.default_rng([self.seed, *key])
+        gen = torch.Generator(device=self.fm.device).manual_seed(int(rng.integers(2**62)))
+        return rng, gen, np.random.default_rng([self.seed, *key, 1])
 
     def step(self, k: int, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Jump ``k`` (0-based) of all replicas from (x, v) -> (x', v', coefficients used)."""
         R = len(x)
-        rng = np.random.default_rng([self.seed, k])
-        gen = torch.Generator(device=self.fm.device).manual_seed(int(rng.integers(2**62)))
+        rng, gen, frng = self._rngs(k)
         L = self._coefficients(k, rng, R, np.arange(R))
-        xn, vn = self._jump(x, v, L, gen)
+        xn, vn = self._jump(x, v, L, gen, frng)
         running = self.stopped_at < 0
-        for i in np.nonzero(self._bad(xn, vn) & running)[0]:
+        fails = self._failures(xn, vn)
+        for i in np.nonzero(np.array([bool(f) for f in fails]) & running)[0]:
+            why = fails[i]
             for retry in range(1, self.max_retries + 1):
                 self.restarts[i] += 1
-                rng_i = np.random.default_rng([self.seed, k, int(i), retry])
-                gen_i = torch.Generator(device=self.fm.device).manual_seed(int(rng_i.integers(2**62)))
+                rng_i, gen_i, frng_i = self._rngs(k, int(i), retry)
                 Li = self._coefficients(k, rng_i, 1, np.array([i]))
-                xi, vi = self._jump(x[i:i + 1], v[i:i + 1], Li, gen_i)
-                if not self._bad(xi, vi)[0]:
+                xi, vi = self._jump(x[i:i + 1], v[i:i + 1], Li, gen_i, frng_i)
+                why = self._failures(xi, vi)[0]
+                if not why:
                     xn[i], vn[i], L[i] = xi[0], vi[0], Li[0]
                     break
             else:
                 self.stopped_at[i] = k + 1
+                self.last_failure = f"replica {i} at jump {k + 1}: {why}"
                 xn[i] = vn[i] = np.nan
         xn[~running] = vn[~running] = np.nan
         if (self.stopped_at >= 0).all():
+            fm = self.fm
+            tmax = fm.tau_max_ps
+            trained = f"trained up to tau_max = {tmax:g} ps" if tmax else "trained tau_max unknown"
+            advice = []
+            if tmax and self.tau > tmax * (1 + 1e-9):
+                advice.append(f"sample at --tau-ps <= {tmax:g} (the trained tau_max)")
+            elif tmax and self.tau > fm.h0_ps * 1.5:
+                advice.append(f"try a shorter --tau-ps (e.g. {max(fm.h0_ps, self.tau / 2):g})")
+            if not self.finish_config.n_steps:
+                advice.append("add a physical finish (--finish-steps 20)")
+            advice.append("train longer (molflow train --resume --steps ...)")
+            advice.append(f"check the map's verdict with `molflow info {fm.metadata.get('path', 'MODEL')}`")
             raise SimulationError(
-                f"every replica exploded (non-finite state, a broken bond or kinetic temperature > "
-                f"{EXPLOSION_FACTOR:g}x target) even after {self.max_retries} restarts from its last good state, "
-                f"the last at jump {k + 1}: the map is not reliable at tau = {self.tau:g} ps; try a shorter "
-                "--tau-ps or --mode mean")
+                f"every replica was stopped by the sampler's guards after {self.max_retries} restarts each; "
+                f"the last: {self.last_failure}. The map ({trained}) is not stable at tau = {self.tau:g} ps. "
+                f"What can help: {'; '.join(advice)}")
         return xn, vn, L
+
+
+def rollout_verdict(fm: "FlowMap", x0: np.ndarray, v0: np.ndarray, tau_ps: float, n_jumps: int,
+                    reference_bond_std_nm: np.ndarray, seed: int = 0, finish: FinishConfig | None = None
+                    ) -> dict[str, Any]:
+    """Free-running rollouts of ``fm`` from (x0, v0) (R, A, 3): is the map stable at ``tau_ps``?
+
+    Returns counts (restarts, stopped replicas), the ratio of each bond's spread over all sampled
+    frames to ``reference_bond_std_nm`` (median and worst), the kinetic temperature (K) and a
+    one-line ``line`` for people. "stable" means no replica stopped and at most one restart per
+    10 jumps."""
+    R = len(x0)
+    try:
+        out = fm.sample((x0, v0), n_jumps=n_jumps, tau_ps=tau_ps, seed=seed, finish=finish, max_retries=3,
+                        extrapolate=True)
+    except SimulationError:
+        out = None
+    if out is None:
+        v = {"stable": False, "tau_ps": tau_ps, "replicas": R, "jumps": n_jumps, "stopped": R}
+        v["line"] = (f"verdict: UNSTABLE at tau {tau_ps:g} ps — every one of {R} free-running replicas was stopped "
+                     f"by the guards within {n_jumps} jumps; do not sample with this map yet (train longer)")
+        return v
+    x = out["positions"][:, 1:]
+    vel = out["velocities"][:, 1:]
+    keep = out["stopped_at_jump"] < 0
+    b = np.asarray(fm.system.bonds, dtype=int).reshape(-1, 2)
+    xs = x[keep].reshape(-1, *x.shape[2:]).astype(np.float64)
+    lengths = np.linalg.norm(xs[:, b[:, 0]] - xs[:, b[:, 1]], axis=-1)
+    ratio = lengths.std(0) / np.asarray(reference_bond_std_nm)
+    t_kin = float(kinetic_temperature(vel[keep].reshape(-1, *vel.shape[2:]), fm.system.masses_amu).mean())
+    restarts, stopped = int(out["restarts_per_replica"].sum()), int((~keep).sum())
+    stable = stopped == 0 and restarts <= R * n_jumps / 10
+    fin = finish or fm.default_finish()
+    v = {"stable": bool(stable), "tau_ps": float(tau_ps), "replicas": R, "jumps": int(n_jumps),
+         "restarts": restarts, "stopped": stopped, "bond_spread_ratio_median": float(np.median(ratio)),
+         "bond_spread_ratio_max": float(ratio.max()), "kinetic_temperature_K": t_kin,
+         "target_temperature_K": float(fm.system.temperature_K), "finish_steps": int(fin.n_steps)}
+    v["line"] = (f"verdict: {'STABLE' if stable else 'UNSTABLE'} at tau {tau_ps:g} ps ({R} free-running replicas x "
+                 f"{n_jumps} jumps, finish {fin.n_steps} steps): {restarts} restarts, {stopped} stopped; bond spread "
+                 f"{v['bond_spread_ratio_median']:.2f}x reference (median; worst {v['bond_spread_ratio_max']:.2f}x); "
+                 f"T_kin {t_kin:.0f} K (target {fm.system.temperature_K:g} K)")
+    return v
 
 
 def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarray, n_jumps: int, out: Path,
@@ -403,6 +499,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
             a = old.attrs
             n_old = old.n_frames
             if n_old >= 1:
+                a = {"finish_steps": 0, "finish_friction_per_ps": attrs["finish_friction_per_ps"], **dict(a)}
                 diffs = [f"{k}: file has {a.get(k)!r}, asked {attrs[k]!r}" for k in RESUME_KEYS
                          if a.get(k) != attrs[k] and not (isinstance(attrs[k], float) and
                                                            np.isclose(a.get(k, np.nan), attrs[k]))]
@@ -424,7 +521,8 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
         writer.set_attrs(n_jumps_requested=int(n_jumps))
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        writer = TrajectoryWriter.create(out, R, A, N, {**attrs, "n_restarts": 0, "restarts_per_replica": [0] * R,
+        writer = TrajectoryWriter.create(out, R, A, N, {**attrs, "status": "running", "n_restarts": 0,
+                                                        "restarts_per_replica": [0] * R,
                                                         "n_stopped": 0, "stopped_at_jump": [-1] * R,
                                                         "wall_clock_s": 0.0},
                                          chunk_frames=chunk_jumps or 16, forces=False, energies=False)
@@ -451,6 +549,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
         writer.set_attrs(**counts, restarts_per_replica=rollout.restarts.tolist(),
                          stopped_at_jump=rollout.stopped_at.tolist())
 
+    status = "complete"
     try:
         for k in range(done, n_jumps):
             x, v, L = rollout.step(k, x, v)
@@ -462,8 +561,16 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
             if len(buf["t"]) >= chunk:
                 flush()
                 bar.set_postfix(restarts=int(rollout.restarts.sum()), stopped=int((rollout.stopped_at >= 0).sum()))
+    except SimulationError as exc:
+        status = "failed: " + str(exc).split(". ")[0]
+        raise SimulationError(f"{exc}. The {len(buf['t']) + done} complete jump(s) are kept in {out} "
+                              "(attribute status says it failed; the evaluator flags it)") from None
+    except BaseException:
+        status = "interrupted: continue it with --resume"
+        raise
     finally:
         flush()  # whatever is complete is kept, also on an error or Ctrl-C
+        writer.set_attrs(status=status)
         writer.close()
         bar.close()
     return Trajectory(out)

@@ -14,7 +14,7 @@ from molflow.training import distributed, loop
 
 # batch 12 -> sub-batches local 5 (shards 3 + 2: unequal), direct 4, semigroup 4 (2 + 2)
 TINY = dict(n_features=16, n_layers=2, batch_size=12, validate_every=10_000, checkpoint_every=4,
-            validation_items=8)
+            validation_items=8, verdict_replicas=0)
 KW = dict(tau_max_ps=0.06, seed=11, config=TINY, progress=False, device="cpu")
 
 

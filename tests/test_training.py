@@ -11,7 +11,8 @@ from molflow.models import MapConfig
 from molflow.training.data import FrameData
 from molflow.training.loop import Trainer, TrainConfig, train
 
-TINY = dict(n_features=16, n_layers=2, batch_size=12, validate_every=10_000, checkpoint_every=10_000)
+TINY = dict(n_features=16, n_layers=2, batch_size=12, validate_every=10_000, checkpoint_every=10_000,
+            verdict_replicas=0)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def tiny_trained(data20fs, ala2):
     for objective in ("energy", "whitened_crps"):
         # no training noise: these tests isolate the loop and the objective (the noise trades a little
         # one-jump accuracy for rollout stability, measured in benchmarks/molecular_objectives.py)
-        cfg = TrainConfig(steps=150, tau_max_ps=0.06, lr=3e-3, ema_decay=0.9, batch_size=12, objective=objective,
+        cfg = TrainConfig(steps=300, tau_max_ps=0.06, lr=3e-3, ema_decay=0.9, batch_size=12, objective=objective,
                           input_noise_nm=0.0)
         tr = Trainer(ala2, FrameData([str(data20fs)]), cfg, MapConfig(n_features=16, n_layers=2), torch.device("cpu"), 1)
         got["untrained"] = tr.validate([0.02, 0.06])
@@ -56,9 +57,9 @@ def tiny_trained(data20fs, ala2):
 def test_tiny_training_reduces_validation_strong_error(tiny_trained):
     """The held-out one-jump error (mean mode, h0 = 20 fs) must drop with training (energy objective).
 
-    Measured: ~0.0125 -> ~0.0075 nm over 300 steps (seed 1); at 150 steps we ask for a 20% drop,
-    well inside what a working loop gives and far outside what a broken loss/gradient would.
-    """
+    The untrained map is its identity base (zero-initialised read-out, issue 16), whose error is the
+    whole displacement over the jump. We ask for a 20% drop after 300 steps, outside what a broken
+    loss/gradient gives (it leaves the map at its base or makes it worse)."""
     key = "val_rmsd_mean_0.02ps_nm"
     assert tiny_trained["energy"][key] < 0.8 * tiny_trained["untrained"][key], tiny_trained
 
@@ -66,19 +67,19 @@ def test_tiny_training_reduces_validation_strong_error(tiny_trained):
 def test_whitened_objective_narrows_the_bond_spread(tiny_trained):
     """The default objective (whitened internal coordinates + CRPS) scores every bond's own spread;
     the energy score on Cartesian features barely sees it (issue #10). The held-out bond-length
-    spread after 0.06 ps (sampled / recorded, 1 = right) must fall well below its untrained value
-    and below the energy objective's. Measured (seed 1): untrained 8.4, energy 10.1, whitened_crps
-    4.1 — we ask for < 0.7x both, a margin a broken objective (no internal terms, wrong whitening)
-    does not reach."""
+    spread after 0.06 ps (sampled / recorded, 1 = right) must be well below the energy objective's.
+    (The untrained map is the identity base, whose spread is the start states' own, ~1: no
+    benchmark.) Measured (seed 1, 150 steps): energy 12.8, whitened_crps 3.8 — we ask for < 0.7x, a
+    margin a broken objective (no internal terms, wrong whitening) does not reach."""
     key = "val_bond_std_ratio_0.06ps"
     got = {k: v[key] for k, v in tiny_trained.items()}
-    assert got["whitened_crps"] < 0.7 * got["untrained"] and got["whitened_crps"] < 0.7 * got["energy"], got
+    assert got["whitened_crps"] < 0.7 * got["energy"], got
 
 
 def test_checkpoint_resume_gives_identical_next_steps(data20fs, ala2, tmp_path):
     """Save after 4 steps, go on 4 more; a fresh Trainer loaded from the checkpoint (what
     ``train(resume=True)`` does) must take exactly the same 4 next steps, bit for bit."""
-    from molflow.training.checkpoint import load_checkpoint, save_checkpoint
+    from molflow.checkpoint import load_checkpoint, save_checkpoint
 
     torch.set_num_threads(1)
     cfg = TrainConfig(steps=8, tau_max_ps=0.06, batch_size=8)

@@ -50,7 +50,7 @@ from ..errors import InputError
 from ..flowmap import sample_coefficients_torch
 from ..seeding import random_seed
 from ..systems import MolecularSystem, system_from_pdb_text
-from ..training.checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint
 from .geometry import ChiralityChecker, centre, centre_free_basis
 from .model import BoltzmannConfig, BoltzmannMap
 from .reweight import (INVERSE_NOT_CONVERGED, INVERSE_OTHER_PREIMAGE, INVERSE_SINGULAR, boltzmann_log_weights,
@@ -66,7 +66,7 @@ def read_samples(path: str | os.PathLike) -> dict[str, Any]:
     """A conf.h5 as a dict: its datasets as arrays and ``attrs`` (plain values)."""
     import h5py
 
-    from ..trajectory import _plain
+    from ..trajectory import plain_attr
 
     if not Path(path).is_file():
         raise InputError(f"no such sample file: {path}")
@@ -74,7 +74,7 @@ def read_samples(path: str | os.PathLike) -> dict[str, Any]:
         if f.attrs.get("format") != FILE_FORMAT:
             raise InputError(f"{path} is not a molflow Boltzmann sample file")
         out = {k: np.asarray(f[k]) for k in f}
-        out["attrs"] = {k: _plain(v) for k, v in f.attrs.items()}
+        out["attrs"] = {k: plain_attr(v) for k, v in f.attrs.items()}
     return out
 
 
@@ -104,7 +104,7 @@ class BoltzmannSampler:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", weights: str = "ema") -> "BoltzmannSampler":
         """Load a ``train-boltzmann`` checkpoint (``torch.load(weights_only=True)``)."""
-        from ..sampling import resolve_device
+        from ..devices import resolve_device
 
         ck = load_checkpoint(path, expected_format=FORMAT, kind="Boltzmann-sampler")
         s = ck["system_json"]
@@ -174,7 +174,7 @@ class BoltzmannSampler:
         from tqdm.auto import tqdm
 
         from ..md.engine import EnergyEvaluator
-        from ..sampling import device_description
+        from ..devices import device_description
 
         n, K = int(n), int(steps)
         if n < 1:

@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..flowmap import ComposedFlowMap, local_loss, sample_coefficients_torch, semigroup_loss
 from ..seeding import random_seed
 from ..systems import MolecularSystem, load_system
-from ..training.checkpoint import save_checkpoint
+from ..checkpoint import save_checkpoint
 from .geometry import centre
 from .model import BoltzmannConfig, BoltzmannMap, ScoreSolver, pack
 
@@ -279,13 +279,28 @@ class BoltzmannTrainer:
                             "temperature_K": s.temperature_K, "friction_per_ps": s.friction_per_ps,
                             "timestep_fs": s.timestep_fs, "fingerprint": s.fingerprint},
             "training_wall_clock_s": float(wall_s), "history_json": self.history,
+            "torch_rng": self.gen.get_state(), "numpy_rng_json": self.rng.bit_generator.state,
         }
+
+    def load_state(self, ck: dict[str, Any]) -> None:
+        """Continue from a checkpoint of this run (``--resume``): weights, optimiser, step, RNGs."""
+        if self.map_config.networks == 2 and int(ck["step"]) > self.warmup_steps:
+            self.model.score_net.requires_grad_(False)  # frozen at the end of the warm-up, as it was
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step_count = int(ck["step"])
+        self.history = list(ck.get("history_json") or [])
+        if "torch_rng" in ck:
+            self.gen.set_state(ck["torch_rng"])
+            self.rng.bit_generator.state = ck["numpy_rng_json"]
 
 
 def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathLike] | str | os.PathLike,
                     out: str | os.PathLike, steps: int | None = None, device: str = "auto",
                     seed: int | None = None, config: BoltzmannTrainConfig | dict | None = None,
-                    progress: bool = True, **map_settings: Any) -> Path:
+                    progress: bool = True, resume: bool = False, overwrite: bool = False,
+                    **map_settings: Any) -> Path:
     """Train a Boltzmann map on reference runs of ``system``; writes the checkpoint ``out``.
 
     ``config``: a :class:`BoltzmannTrainConfig` or a dict of its fields and
@@ -293,12 +308,22 @@ def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathL
     ``steps`` counts optimiser steps. The checkpoint (``torch.load(weights_only=True)``) carries
     the model and its EMA copy, both configs, the scale, the system (PDB text, force field, settings,
     fingerprint), the training history and wall-clock time: sampling needs nothing else.
+    An existing ``out`` is refused unless ``resume=True`` (continue it with its recorded settings;
+    ``steps`` may grow) or ``overwrite=True``.
     """
     from tqdm.auto import tqdm
 
-    from ..sampling import resolve_device
+    from ..devices import resolve_device
 
     out = Path(out)
+    if out.exists() and not (resume or overwrite):
+        raise InputError(f"{out} exists: pass --resume to continue that training run or --overwrite to replace it")
+    ck = None
+    if resume and out.exists():
+        from ..checkpoint import load_checkpoint
+
+        ck = load_checkpoint(out, expected_format=FORMAT, kind="Boltzmann-sampler")
+        config, map_settings, seed = dict(ck["train_config_json"]), dict(ck["map_config_json"]), int(ck["seed"])
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     raw = config if isinstance(config, dict) else {}
     cfg = config if isinstance(config, BoltzmannTrainConfig) else BoltzmannTrainConfig.from_dict(dict(raw))
@@ -312,13 +337,20 @@ def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathL
     dev = resolve_device(device)
     seed = random_seed() if seed is None else int(seed)
     trainer = BoltzmannTrainer(mol, frames, cfg, mcfg, dev, seed)
+    wall0 = 0.0
+    if ck is not None:
+        if ck["system_json"]["fingerprint"] != mol.fingerprint:
+            raise InputError(f"cannot resume {out}: it was trained for another system")
+        trainer.load_state(ck)
+        wall0 = float(ck.get("training_wall_clock_s", 0.0))
     if progress:
         n_par = sum(p.numel() for p in trainer.model.parameters())
         print(f"molflow train-boltzmann: system={mol.name} seed={seed} device={dev} params={n_par} "
               f"frames={len(frames)} scale={trainer.scale_nm:.4f} nm networks={mcfg.networks} eta={mcfg.eta}",
               file=sys.stderr)
-    bar = tqdm(total=cfg.steps, disable=not progress, desc="train-boltzmann", file=sys.stderr, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=trainer.step_count, disable=not progress, desc="train-boltzmann",
+               file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter() - wall0
     try:
         while trainer.step_count < cfg.steps:
             row = trainer.train_step()

@@ -597,12 +597,12 @@ def is_iid_samples(path: str | os.PathLike) -> bool:
 def _read_iid(path) -> dict[str, Any]:
     import h5py
 
-    from ..trajectory import _plain
+    from ..trajectory import plain_attr
 
     with h5py.File(path, "r", locking=False) as f:
         out = {k: np.asarray(f[k]) for k in ("positions", "potential_energy", "weights", "log_weights",
                                              "chirality_ok") if k in f}
-        out["attrs"] = {k: _plain(v) for k, v in f.attrs.items()}
+        out["attrs"] = {k: plain_attr(v) for k, v in f.attrs.items()}
     return out
 
 

@@ -88,11 +88,19 @@ class MapConfig:
     cutoff_nm: float = 1.2
     backbone: str = "painn"  # "painn" | "e3nn" (see the class docstring for why painn is the default)
     base: str = "identity"  # "identity" | "ou" (module docstring: measured, identity is better)
+    output_cap: float = 3.0  # soft cap on each atom's correction in thermal units (v_th tau for x,
+    # v_th for v); 0: none (maps made before issue 16). An untrained network's outliers (norms of 20+)
+    # are not physics; a free flight of 3 thermal lengths is already rare
+    x_scale: str = "group"  # thermal length of the position correction: "group" (v_th of the atom's
+    # bonded group, a heavy atom with its hydrogens: a hydrogen moves with its carbon, not in free flight)
+    # or "atom" (its own v_th; maps made before issue 16)
+    output_gain: float = 0.0  # > 0: a learned gain on the correction, starting at this value (measured
+    # in issue 16: it slows short training without making it safer than the cap; off by default)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MapConfig":
         """From a checkpoint's ``map_config_json``; checkpoints older than ``base`` used ``"ou"``."""
-        return cls(**{"base": "ou", **d})
+        return cls(**{"base": "ou", "output_cap": 0.0, "x_scale": "atom", **d})
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -164,6 +172,21 @@ class MolecularFlowMap(nn.Module):
         self.register_buffer("masses", torch.as_tensor(masses_amu, dtype=dtype))
         v_th = np.sqrt(kT_kj_mol / np.asarray(masses_amu))
         self.register_buffer("v_th", torch.as_tensor(v_th, dtype=dtype))  # nm/ps
+        m = np.asarray(masses_amu, dtype=float)
+        if config.x_scale == "group":  # heavy atom + its hydrogens move together
+            light = m < 3.5
+            bonded = np.asarray(edges)[..., 0] > 0
+            heavy_of = [i if not light[i] else (np.nonzero(bonded[i] & ~light)[0].tolist() or [i])[0] for i in range(len(m))]
+            group = np.zeros(len(m))
+            for i, h in enumerate(heavy_of):
+                group[h] += m[i] if i != h else 0.0
+            group = np.array([m[h] + group[h] for h in heavy_of])
+            x_len = np.sqrt(kT_kj_mol / group)
+        elif config.x_scale == "atom":
+            x_len = v_th
+        else:
+            raise InputError(f"unknown x_scale {config.x_scale!r}; choose 'group' or 'atom'")
+        self.register_buffer("x_len", torch.as_tensor(x_len, dtype=dtype), persistent=False)  # nm/ps
         self.register_buffer("sigma", torch.as_tensor(np.sqrt(2 * gamma_per_ps) * v_th, dtype=dtype))
         N, k = config.n_coefficients, config.n_latent
         if config.backbone == "e3nn":
@@ -173,6 +196,18 @@ class MolecularFlowMap(nn.Module):
         self.net = net_class(n_scalar_in=scalars.shape[1] + 3, n_vector_in=1 + N + k, n_edge=edges.shape[-1],
                              n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
                              n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
+        self._zero_readout()
+        if config.output_gain:
+            self.gain = nn.Parameter(torch.full((2,), float(config.output_gain), dtype=dtype))
+
+    def _zero_readout(self) -> None:
+        """Start with an exactly zero correction: the untrained map is its base (for ``identity``
+        nothing moves, so no bond can break at any tau) and training grows the correction from
+        there. Gradients still flow: the last layer's own gradient is non-zero at step 1."""
+        last = self.net.out.gate[-1] if hasattr(self.net.out, "gate") else self.net.out
+        with torch.no_grad():
+            for name, param in last.named_parameters():
+                param.zero_()
 
     @property
     def n_atoms(self) -> int:
@@ -199,7 +234,12 @@ class MolecularFlowMap(nn.Module):
         scalars = torch.cat([self.scalars.expand(B, -1, -1), t_feat[:, None, :].expand(B, A, 3)], -1)
         out = self.net(x, scalars, vectors, self.edges)  # (B,A,2,3)
         vt = self.v_th[None, :, None]
-        x_t = x_base + per_b(tau_b) * vt * out[:, :, 0]
+        cap = self.config.output_cap
+        if cap:  # soft cap: |out| <= cap thermal lengths, smooth and equivariant (scales by the norm)
+            out = out / torch.sqrt(1 + (out * out).sum(-1, keepdim=True) / cap**2)
+        if self.config.output_gain:
+            out = out * self.gain.view(1, 1, 2, 1)
+        x_t = x_base + per_b(tau_b) * self.x_len[None, :, None] * out[:, :, 0]
         v_t = v_base + per_b(-torch.expm1(-tau_b / TAU_V_PS)) * vt * out[:, :, 1]
         return x_t, v_t
 
@@ -223,3 +263,9 @@ class MolecularFlowMap(nn.Module):
         p = self.scalars
         return torch.randn(batch, self.config.n_latent, self.n_atoms, 3, generator=generator,
                            device=p.device, dtype=p.dtype)
+
+
+def build_model(system, config: MapConfig) -> MolecularFlowMap:
+    """The map for a :class:`~molflow.systems.MolecularSystem` (features read from its force field)."""
+    scal, edges = atom_features(system)
+    return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config)

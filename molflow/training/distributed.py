@@ -288,7 +288,15 @@ def distribute(trainer, ctx: Context) -> ShardedFrames:
     kw = dict(device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     kw["forward_sync_buffers" if "forward_sync_buffers" in _ddp_params() else "broadcast_buffers"] = False
     trainer.model = _DDP(raw, shards, **kw)  # buffers (masses, v_th, ...) are constants
+    trainer.agree = lambda flag: _all_ranks(flag, ctx.device)  # one decision for every rank (semigroup gate)
     return shards
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True only when ``flag`` is true on every rank (collective: every rank must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
 
 
 def _ddp_params() -> set[str]:

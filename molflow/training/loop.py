@@ -30,13 +30,13 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..flowmap import score
+from ..flowmap import EMA, score
 from ..evaluation.structure import rmsd
 from ..models.molecular import MapConfig
 from ..seeding import random_seed
 from ..systems import MolecularSystem, load_system
 from ..units import kinetic_temperature
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from .data import FrameData
 from .objective import OBJECTIVES, WhitenedInternalScore
 
@@ -58,11 +58,23 @@ class TrainConfig:
     fraction_local: float = 0.4
     fraction_direct: float = 0.3
     fraction_semigroup: float = 0.3
-    ema_decay: float = 0.995
+    ema_decay: float = 0.995  # with warm-up: min(decay, (1+k)/(10+k)) at update k (flowmap.EMA)
     grad_clip: float = 1.0
+    lr_min_factor: float = 0.05  # the cosine ends at lr * this; steps past the schedule keep it
+    schedule_steps: int = 0  # steps the LR schedule and tau curriculum are planned over (0: --steps of
+    # the first run; recorded, so --resume with more --steps extends the run instead of re-planning it)
+    semigroup_gate: float = 1.25  # semigroup loss starts once the EMA teacher's local loss is within
+    # this factor of the student's (running mean): a teacher that is not yet a trained map teaches nothing
+    max_bad_steps: int = 5  # consecutive non-finite steps before the last good state is restored
+    max_restores: int = 3  # restores (each halving the learning rate) before training stops with an error
+    good_state_every: int = 50  # steps between in-memory snapshots of the last good state
     checkpoint_every: int = 500
     validate_every: int = 250
     validation_items: int = 32
+    verdict_replicas: int = 16  # free-running rollouts for the end-of-training verdict (0: none)
+    verdict_jumps: int = 20  # jumps of tau_max each
+    finish_steps: int = 20  # the physical finish recommended to samplers of this map (molflow.finish; 0: none)
+    finish_friction_per_ps: float = 300.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -73,6 +85,11 @@ class TrainConfig:
         if "objective" in d and d["objective"] not in OBJECTIVES:
             raise InputError(f"unknown objective {d['objective']!r}: choose one of {', '.join(OBJECTIVES)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def planned_steps(self) -> int:
+        """Steps the LR schedule and the curriculum are planned over."""
+        return int(self.schedule_steps or self.steps)
 
 
 def _features(x, v, x_ref, tau, v_th):
@@ -88,36 +105,55 @@ class Trainer:
 
     def __init__(self, system: MolecularSystem, data: FrameData, config: TrainConfig, map_config: MapConfig,
                  device: torch.device, seed: int):
-        from ..sampling import build_model
+        from ..models.molecular import build_model
 
         self.system, self.data, self.config, self.map_config = system, data, config, map_config
         self.device, self.seed = device, seed
         torch.manual_seed(seed)
         self.model = build_model(system, map_config).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.teacher = EMA(self.model, decay=config.ema_decay, warmup=True)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_scale = 1.0  # halved by every restore of the last good state
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        # health: skipped (non-finite) steps, restores of the last good state, teacher items excluded
+        self.counts = {"skipped_steps": 0, "restores": 0, "teacher_excluded": 0}
+        self.bad_run = 0  # consecutive skipped steps
+        self.semigroup_on = False  # opened by the teacher-quality gate (TrainConfig.semigroup_gate)
+        self.local_running: float | None = None  # running mean of the student's local loss
+        self.good_state: dict[str, Any] | None = None
+        self.bonds_t = torch.as_tensor(np.asarray(system.bonds, dtype=np.int64).reshape(-1, 2), device=device)
+        self.sample_finish = ({"n_steps": config.finish_steps, "friction_per_ps": config.finish_friction_per_ps}
+                              if config.finish_steps else None)
+        self.agree = lambda flag: flag  # DDP replaces it by an all-rank AND (molflow.training.distributed)
         self.k_tau_max = max(1, min(int(round(config.tau_max_ps / data.h0_ps)), data.max_jump()))
         self.scorer = None
         if config.objective == "whitened_crps":  # spreads from (at most 20000) training frames
-            x = data.x[data.train_traj, data.train_frames[0]:data.train_frames[1]].reshape(-1, *data.x.shape[2:])
-            x = x[np.linspace(0, len(x) - 1, min(len(x), 20000)).astype(int)]
+            x = data.training_positions(20000)
             self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight)
 
-    def _lr_factor(self, step: int) -> float:  # linear warm-up then cosine decay
-        warm = max(1, self.config.steps // 50)
+    @property
+    def ema(self) -> torch.nn.Module:
+        """The EMA teacher's network (what checkpoints keep as ``ema`` and sampling uses)."""
+        return self.teacher.model
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, cosine decay to ``lr_min_factor`` over the planned steps, then constant;
+        times ``lr_scale`` (halved by every restore)."""
+        total, floor = self.config.planned_steps, self.config.lr_min_factor
+        warm = max(1, total // 50)
         if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, self.config.steps - warm))))
+            return self.lr_scale * (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return self.lr_scale * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     # ------------------------------------------------------------------ jumps
     def k_max(self) -> int:
         """Longest jump (frames) allowed now by the curriculum."""
-        grow = max(1, int(self.config.curriculum_fraction * self.config.steps))
+        grow = max(1, int(self.config.curriculum_fraction * self.config.planned_steps))
         frac = min(1.0, (self.step + 1) / grow)
         return max(1, int(round(math.exp(frac * math.log(self.k_tau_max)))))
 
@@ -144,19 +180,33 @@ class Trainer:
         """Fresh latents (B, k, A, 3), as the model's own ``sample_latent`` draws them."""
         return self.randn(B, self.map_config.n_latent, self.system.n_atoms, 3)
 
-    def _jump_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Local/direct loss on recorded jumps: the target is the recorded end state."""
+    def _jump_loss(self, b: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Local/direct loss per item (B,) on recorded jumps: the target is the recorded end state."""
+        model = self.model if model is None else model
         m = self.config.n_latent_samples if self.config.objective != "mse" else 1
         B = b["x0"].shape[0]
         rep = lambda t: t.repeat(m, *([1] * (t.dim() - 1)))  # noqa: E731
-        xt, vt = self.model(rep(b["x0"]), rep(b["v0"]), rep(b["L"]), self._latent(m * B), rep(b["tau"]))
+        xt, vt = model(rep(b["x0"]), rep(b["v0"]), rep(b["L"]), self._latent(m * B), rep(b["tau"]))
         v_th = self.model.v_th
         pred = _features(xt, vt, rep(b["x0"]), rep(b["tau"]), v_th).view(m, B, -1)
         target = _features(b["x1"], b["v1"], b["x0"], b["tau"], v_th)
         if self.scorer is not None:  # whitened internal coordinates + per-coordinate CRPS
-            return self.scorer(pred, target, xt.view(m, B, *xt.shape[1:]), b["x1"]).mean()
+            return self.scorer(pred, target, xt.view(m, B, *xt.shape[1:]), b["x1"])
         # per-item scoring rule shared with the generic SSFM code; / sqrt(D) keeps it O(1) per DOF
-        return score(pred, target, self.config.objective).mean() / math.sqrt(pred.shape[-1])
+        return score(pred, target, self.config.objective) / math.sqrt(pred.shape[-1])
+
+    def _broken(self, x: torch.Tensor, v: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
+        """Per item (B,): non-finite, or a bond outside the sampler's guard relative to ``x_ref``."""
+        from ..sampling import BOND_RANGE
+
+        b = self.bonds_t
+        finite = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1)
+        if not len(b):
+            return ~finite
+        ratio = ((x[:, b[:, 0]] - x[:, b[:, 1]]).norm(dim=-1)
+                 / (x_ref[:, b[:, 0]] - x_ref[:, b[:, 1]]).norm(dim=-1).clamp_min(1e-9))
+        ok = ((ratio > BOND_RANGE[0]) & (ratio < BOND_RANGE[1])).all(1)
+        return ~(finite & torch.nan_to_num(ok.float(), 0.0).bool())
 
     def _semigroup_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Self-distillation on the recorded path of 2k intervals: teacher = two EMA half-jumps fed
@@ -170,14 +220,40 @@ class Trainer:
         with torch.no_grad():
             xm, vm = self.ema(b["x0"], b["v0"], L1, self._latent(B), b["tau"] / 2)
             xT, vT = self.ema(xm, vm, L2, self._latent(B), b["tau"] / 2)
+            # a broken teacher output (non-finite, a bond outside the sampler's guard) is no target:
+            # its items get weight 0 (and a harmless stand-in target, so 0 * score stays finite)
+            bad = self._broken(xm, vm, b["x0"]) | self._broken(xT, vT, b["x0"])
+            keep = (~bad).to(b["x0"].dtype)
+            xT = torch.where(bad[:, None, None], b["x0"], xT)
+            vT = torch.where(bad[:, None, None], b["v0"], vT)
+        self.counts["teacher_excluded"] += int(bad.sum())
         A2 = torch.as_tensor(_composition(2, N), dtype=L1.dtype, device=L1.device)
         L = torch.einsum("nm,bmac->bnac", A2[0], L1) + torch.einsum("nm,bmac->bnac", A2[1], L2)
         teacher = {"x0": b["x0"], "v0": b["v0"], "x1": xT, "v1": vT, "L": L, "tau": b["tau"]}
         # features are normalised by tau (displacement / (v_th tau)), which plays the role of the
         # 1/tau scale of DESIGN.md section 3.2: scores are O(1) at every jump length
-        return self._jump_loss(teacher)
+        return (self._jump_loss(teacher) * keep).sum() / keep.sum().clamp_min(1.0)
+
+    def _semigroup_gate(self, local: dict[str, torch.Tensor], student_local: float) -> bool:
+        """Open the semigroup loss once the EMA teacher is a trained map: its local loss on this
+        step's local batch within ``semigroup_gate`` x the student's running local loss. Checked
+        every 10 steps until it opens; it stays open (a restore after a bad semigroup step shuts it)."""
+        if self.semigroup_on:
+            return True
+        if math.isfinite(student_local):
+            r = self.local_running
+            self.local_running = student_local if r is None else 0.9 * r + 0.1 * student_local
+        if self.step < 20 or self.step % 10 or self.local_running is None:
+            return False
+        with torch.no_grad():
+            teacher_local = float(self._jump_loss(local, model=self.ema).mean())
+        ok = math.isfinite(teacher_local) and teacher_local <= self.config.semigroup_gate * self.local_running
+        self.semigroup_on = bool(self.agree(ok))
+        return self.semigroup_on
 
     def train_step(self) -> dict[str, float]:
+        """One optimiser step; a step whose loss or gradient is not finite is skipped and counted,
+        and repeated bad steps restore the last good state (``_on_bad_step``)."""
         c, d = self.config, self.data
         self.model.train()
         B = c.batch_size
@@ -187,14 +263,14 @@ class Trainer:
         kmax = self.k_max()
         losses = {}
         total = 0.0
-        local = d.batch(n_loc, 1, self.rng, device=self.device)
-        losses["local"] = self._jump_loss(self._perturb(local))
+        local = self._perturb(d.batch(n_loc, 1, self.rng, device=self.device))
+        losses["local"] = self._jump_loss(local).mean()
         total = total + c.fraction_local * losses["local"]
         if n_dir and kmax >= 2:
             k = self._draw_k(2, kmax)
-            losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device)))
+            losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device))).mean()
             total = total + c.fraction_direct * losses["direct"]
-        if n_sg and kmax >= 2:
+        if n_sg and kmax >= 2 and self._semigroup_gate(local, float(losses["local"].detach())):
             k = max(1, self._draw_k(2, kmax) // 2)
             r, f = d.draw(n_sg, 2 * k, self.rng)
             whole = d.items(r, f, 2 * k, device=self.device)
@@ -206,15 +282,71 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.opt.step()
+        # the gradient norm is the same on every DDP rank (after the all-reduce): one decision for all
+        skipped = not bool(torch.isfinite(gnorm))
+        if not skipped:
+            self.opt.step()
+            skipped = not self._weights_finite()
+            if skipped:  # a finite gradient that still broke the weights: undo at once
+                self._restore("weights became non-finite after the update", force=True)
+        if skipped:
+            self._on_bad_step(losses)
+        else:
+            self.bad_run = 0
+            self.teacher.update(self.model)
+            if self.good_state is None or self.step % c.good_state_every == 0:
+                self._snapshot()
         self.sched.step()
-        with torch.no_grad():
-            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-                pe.mul_(c.ema_decay).add_(pm.detach(), alpha=1 - c.ema_decay)
         self.step += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
-        out.update(loss=float(total.detach()), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps, lr=self.sched.get_last_lr()[0])
+        out.update(loss=float(total.detach()), grad_norm=float(gnorm), tau_max_ps=kmax * d.h0_ps,
+                   lr=self.sched.get_last_lr()[0], skipped=int(skipped), semigroup_on=int(self.semigroup_on),
+                   **{k: int(v) for k, v in self.counts.items()})
         return out
+
+    # ------------------------------------------------------------------ health
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    def _snapshot(self) -> None:
+        """Keep the current (finite) model, teacher and optimiser in memory as the last good state."""
+        self.good_state = copy.deepcopy({"model": self.model.state_dict(), "teacher": self.teacher.state_dict(),
+                                         "optimizer": self.opt.state_dict(), "step": self.step})
+
+    def _on_bad_step(self, losses: dict[str, torch.Tensor]) -> None:
+        self.counts["skipped_steps"] += 1
+        self.bad_run += 1
+        self.opt.zero_grad(set_to_none=True)
+        if self.bad_run >= self.config.max_bad_steps:
+            bad = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
+            what = (f"the {' and '.join(bad)} loss was non-finite" if bad
+                    else "the loss was finite but its gradient was not")
+            self._restore(f"{self.bad_run} steps in a row were skipped ({what}, last at step {self.step + 1})",
+                          shut_semigroup="semigroup" in bad)
+
+    def _restore(self, why: str, force: bool = False, shut_semigroup: bool = False) -> None:
+        """Go back to the last good state and halve the learning rate; past ``max_restores`` stop
+        with a TrainingError naming the cause (nothing non-finite is ever checkpointed)."""
+        from ..errors import TrainingError
+
+        self.counts["restores"] += 1
+        if self.good_state is None or self.counts["restores"] > self.config.max_restores:
+            raise TrainingError(
+                f"training stopped at step {self.step + 1}: {why}; restoring the last good state "
+                f"(step {self.good_state['step'] if self.good_state else '-'}) and halving the learning rate "
+                f"{self.counts['restores'] - 1} time(s) did not cure it. The last checkpoint on disk is "
+                "finite. Try a lower --config lr, a shorter --tau-max-ps, or check the training data "
+                "(molflow info)")
+        g = self.good_state
+        self.model.load_state_dict(g["model"])
+        self.teacher.load_state_dict(g["teacher"])
+        self.opt.load_state_dict(g["optimizer"])
+        self.lr_scale *= 0.5
+        self.bad_run = 0
+        if shut_semigroup:
+            self.semigroup_on = False
+        print(f"molflow train: {why}; restored the state of step {g['step']} and halved the learning rate "
+              f"(restore {self.counts['restores']} of at most {self.config.max_restores})", file=sys.stderr)
 
     @torch.no_grad()
     def validate(self, taus_ps: Sequence[float] | None = None) -> dict[str, float]:
@@ -244,11 +376,35 @@ class Trainer:
                     out[f"val_bond_std_ratio_{key}"] = float((bl(xt) / bl(b["x1"]).clamp_min(1e-9)).mean())
         return out
 
+    @torch.no_grad()
+    def verdict(self) -> dict[str, Any]:
+        """Free-running rollouts of the EMA map from held-out states at tau_max (molflow.sampling's
+        guards, the map's recommended finish): stable or not, bond spread vs the held-out data,
+        kinetic temperature — with a one-line ``line``."""
+        from ..sampling import FlowMap, rollout_verdict
+
+        c = self.config
+        fm = FlowMap(copy.deepcopy(self.ema).cpu().float(), self.system, self.data.h0_ps,
+                     {"train_config": dataclasses.asdict(c), "sample_finish": self.sample_finish})
+        rng = np.random.default_rng(2024)
+        ref = self.data.batch(256, 1, rng, split="val")
+        b = np.asarray(self.system.bonds, dtype=int).reshape(-1, 2)
+        x = ref["x1"].double().numpy()
+        ref_std = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1).std(0)
+        n = c.verdict_replicas
+        starts = self.data.batch(n, 1, rng, split="val")
+        k = max(1, int(round(c.tau_max_ps / self.data.h0_ps)))
+        tau = k * self.data.h0_ps
+        return rollout_verdict(fm, starts["x0"].double().numpy(), starts["v0"].double().numpy(), tau,
+                               c.verdict_jumps, ref_std, seed=self.seed)
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         s = self.system
         return {
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "ema_updates": self.teacher.n_updates, "lr_scale": self.lr_scale,
+            "health_json": {**self.counts, "semigroup_on": self.semigroup_on, "local_running": self.local_running},
             "scheduler": self.sched.state_dict(), "step": self.step, "h0_ps": self.data.h0_ps,
             "torch_rng": self.gen.get_state(), "cpu_rng": torch.get_rng_state(),
             "numpy_rng_json": self.rng.bit_generator.state, "seed": self.seed,
@@ -259,11 +415,18 @@ class Trainer:
             "normalisation_json": {"v_thermal_nm_per_ps": self.model.v_th.tolist(), "h0_ps": self.data.h0_ps,
                                    "L_scale": "sqrt(tau/(2n+1))", "features": "dx/(v_th tau), v/v_th"},
             "history_json": self.history,
+            "sample_finish_json": self.sample_finish,
         }
 
     def load_state(self, ck: dict[str, Any]) -> None:
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
+        self.teacher.n_updates = int(ck.get("ema_updates", ck["step"]))
+        self.lr_scale = float(ck.get("lr_scale", 1.0))
+        health = dict(ck.get("health_json") or {})
+        self.semigroup_on = bool(health.pop("semigroup_on", True))
+        self.local_running = health.pop("local_running", None)
+        self.counts.update({k: int(v) for k, v in health.items() if k in self.counts})
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = int(ck["step"])
@@ -275,22 +438,32 @@ class Trainer:
 
 def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | os.PathLike,
           tau_max_ps: float = 1.0, n_coefficients: int | None = 3, steps: int | None = None,
-          device: str = "auto", seed: int | None = None, resume: bool = False,
+          device: str = "auto", seed: int | None = None, resume: bool = False, overwrite: bool = False,
           config: TrainConfig | dict | None = None, progress: bool = True, devices: int = 1,
           **map_settings: Any) -> Path:
     """Train a flow map on reference runs; writes the checkpoint ``out`` and ``out``.metrics.csv.
+
+    An existing ``out`` is refused unless ``resume=True`` (continue it: the same LR schedule and
+    curriculum; a larger ``steps`` extends the run past its planned schedule at the final LR) or
+    ``overwrite=True``. Steps whose loss or gradient is not finite are skipped and counted; repeated
+    ones restore the last good state with half the learning rate; a run that cannot recover raises
+    :class:`~molflow.errors.TrainingError`. No checkpoint with non-finite weights is ever written.
+    At the end, short free-running rollouts of the map give a one-line verdict (stored in the
+    checkpoint as ``verdict_json``, shown by ``molflow info``).
 
     ``devices`` > 1: data-parallel training in that many processes (DDP, one per GPU on CUDA, gloo
     processes on CPU; :mod:`molflow.training.distributed`) with the same global batch. Launched by
     torchrun (``RANK``/``WORLD_SIZE`` set), the launcher's processes are the ranks.
     """
-    from ..sampling import resolve_device
+    from ..devices import resolve_device
     from . import distributed
 
     out = Path(out)
     n = 1 if devices is None else int(devices)
     dev = resolve_device(device)
     launched = distributed.torchrun_world()
+    if out.exists() and not (resume or overwrite):
+        raise InputError(f"{out} exists: pass --resume to continue that training run or --overwrite to replace it")
     args = dict(system=system, data=data, out=out, tau_max_ps=tau_max_ps, n_coefficients=n_coefficients,
                 steps=steps, seed=seed, resume=resume, config=config, progress=progress, map_settings=map_settings)
     if launched is not None:
@@ -337,7 +510,9 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         ck = load_checkpoint(out, map_location=dev)
         if ck["system_json"]["fingerprint"] != mol.fingerprint:
             raise InputError(f"cannot resume {out}: it was trained for another system")
-        cfg = dataclasses.replace(TrainConfig.from_dict(ck["train_config_json"]), steps=cfg.steps)
+        old = TrainConfig.from_dict(ck["train_config_json"])
+        # the schedule stays the one the run was planned with (older checkpoints: their steps)
+        cfg = dataclasses.replace(old, steps=cfg.steps, schedule_steps=old.planned_steps)
         map_cfg = MapConfig.from_dict(ck["map_config_json"])
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, int(ck["seed"]))
         trainer.load_state(ck)
@@ -345,6 +520,7 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         seed = random_seed() if seed is None else int(seed)
         if ctx is not None:  # under torchrun each rank may have drawn its own: rank 0's wins
             seed = ctx.broadcast_object(seed)
+        cfg = dataclasses.replace(cfg, schedule_steps=cfg.planned_steps)
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
     shards = distributed.distribute(trainer, ctx) if ctx is not None else None
     if progress and main:
@@ -367,13 +543,22 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
             row["items_per_s"] = (trainer.step - step0) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
             trainer.history.append(row)
             bar.update(1)
-            bar.set_postfix_str(f"loss {row['loss']:.3f} tau<={row['tau_max_ps']:.2f}ps")
+            bar.set_postfix_str(f"loss {row['loss']:.3f} tau<={row['tau_max_ps']:.2f}ps"
+                                + (" semigroup" if row["semigroup_on"] else "")
+                                + (f" skipped {row['skipped_steps']}" if row["skipped_steps"] else ""))
             if main and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
                 save_checkpoint(out, trainer.state())
                 _write_log(log_path, trainer.history)
         bar.close()
         if main and trainer.step == cfg.steps and not out.exists():
             save_checkpoint(out, trainer.state())
+        if main and cfg.verdict_replicas > 0:
+            verdict = trainer.verdict()
+            state = trainer.state()
+            state["verdict_json"] = verdict
+            save_checkpoint(out, state)
+            if progress:
+                print(f"molflow train: {verdict['line']}", file=sys.stderr)
         if ctx is not None:
             ctx.barrier()  # every rank returns once the checkpoint is on disk
     finally:

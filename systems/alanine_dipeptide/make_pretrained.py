@@ -32,7 +32,7 @@ def main() -> int:
     import molflow
     from molflow.md.engine import hardware_description
     from molflow.sampling import start_states_from_run
-    from molflow.training.checkpoint import load_checkpoint, save_checkpoint
+    from molflow.checkpoint import load_checkpoint, save_checkpoint
     from molflow.units import kinetic_temperature
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

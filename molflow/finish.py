@@ -1,0 +1,104 @@
+"""The physical finish: a few force-field Langevin steps at high friction after each flow-map jump.
+
+A few-step map has to carry the slow, kinetically relevant motion (torsions, basin changes); the
+stiff vibrations (bonds, bond angles: periods of 10-50 fs) carry no kinetics but dominate the
+energy, and a network that gets them slightly wrong leaves the molecule strained (DESIGN.md 3.4:
+bonds 1.5x too loose, +60 kJ/mol). The finish hands them back to the force field: after each jump,
+``n_steps`` BAOAB Langevin steps of the system's own force field (single molecule, NoCutoff) at a
+friction ``friction_per_ps`` far above the thermostat's. At friction gamma a harmonic mode of
+angular frequency omega relaxes at rate ~omega^2/gamma when overdamped and ~gamma/2 when
+underdamped, so gamma of a few hundred per ps relaxes bond and angle modes (omega ~ 100-600 / ps)
+within a few fs, while a torsion moves over the same few fs about as far as it would in free
+motion: the finish adds ``n_steps`` x timestep of (overdamped) dynamics to each jump and nothing
+else. Langevin dynamics at any friction leaves the Boltzmann distribution invariant (up to the
+integrator's timestep error, the same as the reference MD's), so the finish cannot bias the
+stationary law; velocities leave it nearly Maxwell-Boltzmann (at tau >= 0.5 ps they are decorrelated
+from the start anyway, DESIGN.md 3.1).
+
+Its cost is ``n_steps`` force evaluations per replica and jump, counted in every speed figure
+(``finish_force_evaluations`` in sampled files). Random numbers are drawn by the caller (numpy), so a
+sampled run stays a function of (seed, jump, replica) and resumes bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishConfig:
+    """``n_steps`` Langevin steps (0: no finish) of ``timestep_fs`` at ``friction_per_ps`` (1/ps)."""
+
+    n_steps: int = 0
+    friction_per_ps: float = 300.0
+    timestep_fs: float = 1.0
+
+    def __post_init__(self):
+        if int(self.n_steps) != self.n_steps or self.n_steps < 0:
+            raise InputError(f"finish steps must be a whole number >= 0, not {self.n_steps!r}")
+        if self.n_steps and (self.friction_per_ps <= 0 or self.timestep_fs <= 0):
+            raise InputError("finish friction (1/ps) and timestep (fs) must be positive")
+
+    @property
+    def duration_ps(self) -> float:
+        return self.n_steps * self.timestep_fs / 1000.0
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"finish_steps": int(self.n_steps), "finish_friction_per_ps": float(self.friction_per_ps),
+                "finish_timestep_fs": float(self.timestep_fs)}
+
+
+class LangevinFinish:
+    """BAOAB at high friction with the molecule's force field, on OpenMM's Reference platform
+    (fastest for one small molecule here); noise supplied per call: ``(R, n_steps, A, 3)`` standard
+    normals."""
+
+    def __init__(self, system, config: FinishConfig, platform: str = "Reference"):
+        import openmm
+
+        self.config = config
+        self.system = system
+        n, dt = int(config.n_steps), config.timestep_fs / 1000.0
+        a = float(np.exp(-config.friction_per_ps * dt))
+        integ = openmm.CustomIntegrator(dt)
+        integ.addGlobalVariable("a", a)
+        integ.addGlobalVariable("b", float(np.sqrt(1.0 - a * a)))
+        integ.addGlobalVariable("kT", float(system.kT_kj_mol))
+        for j in range(n):
+            integ.addPerDofVariable(f"xi{j}", 0.0)
+        integ.addUpdateContextState()
+        for j in range(n):  # one call of step(1) runs all n BAOAB steps
+            integ.addComputePerDof("v", "v + 0.5*dt*f/m")
+            integ.addComputePerDof("x", "x + 0.5*dt*v")
+            integ.addComputePerDof("v", f"a*v + b*sqrt(kT/m)*xi{j}")
+            integ.addComputePerDof("x", "x + 0.5*dt*v")
+            integ.addComputePerDof("v", "v + 0.5*dt*f/m")
+        self.integrator = integ
+        self.context = openmm.Context(system.create_system("nocutoff"), integ,
+                                      openmm.Platform.getPlatformByName(platform))
+
+    def noise_shape(self, replicas: int) -> tuple[int, ...]:
+        return (int(replicas), int(self.config.n_steps), self.system.n_atoms, 3)
+
+    def __call__(self, x: np.ndarray, v: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Finish each replica: x (R, A, 3) nm, v (R, A, 3) nm/ps, noise (R, n_steps, A, 3) -> (x, v).
+        Non-finite replicas are passed through untouched (the sampler's guard handles them)."""
+        if self.config.n_steps == 0:
+            return x, v
+        xo, vo = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
+        for r in range(len(x)):
+            if not (np.isfinite(xo[r]).all() and np.isfinite(vo[r]).all()):
+                continue
+            self.context.setPositions(xo[r])
+            self.context.setVelocities(vo[r])
+            for j in range(self.config.n_steps):
+                self.integrator.setPerDofVariableByName(f"xi{j}", noise[r, j])
+            self.integrator.step(1)
+            st = self.context.getState(getPositions=True, getVelocities=True)
+            xo[r] = st.getPositions(asNumpy=True)._value
+            vo[r] = st.getVelocities(asNumpy=True)._value
+        return xo, vo

@@ -58,7 +58,8 @@ def _interrupted_rank(ctx, args):
 
 def _losses(path):
     rows = list(csv.DictReader(open(f"{path}.metrics.csv")))
-    return np.array([[float(r[k] or "nan") for k in ("loss", "local", "direct", "semigroup")] for r in rows]), rows
+    # the semigroup column is absent while its teacher-quality gate is shut (8 steps: always here)
+    return np.array([[float(r.get(k) or "nan") for k in ("loss", "local", "direct", "semigroup")] for r in rows]), rows
 
 
 def test_two_processes_follow_one_and_resume(data, tmp_path, monkeypatch):
@@ -70,7 +71,7 @@ def test_two_processes_follow_one_and_resume(data, tmp_path, monkeypatch):
     other batch shapes and a gradient sum in another order. Measured (energy objective, and
     issue #10's whitened_crps with start-state noise): losses agree to ~5e-8 (relative) at step 1,
     the gap growing through this hot, clipped optimisation to <= 7.3e-6 by step 8; final weights
-    (model and EMA) to <= 2.7e-7 absolute. We allow 1e-4 and 1e-5: over 10x the rounding, and far
+    (model and EMA) to <= 2.7e-7 absolute (2.4e-5 with issue 16's zero-initialised read-out). We allow 1e-4 and 1e-4: over 10x the rounding, and far
     below what a real mismatch gives (measured by breaking it on purpose: per-rank latents differ
     by 7e-2 at step 1, an unweighted gradient average over the unequal local shards 3 + 2 by 3e-3
     from step 2; a mismatched gradient moves AdamW's normalised updates by O(lr) = 1e-3 a step)."""
@@ -93,7 +94,10 @@ def test_two_processes_follow_one_and_resume(data, tmp_path, monkeypatch):
     assert ck2["step"] == 8 and ck2["seed"] == 11
     for key in ("model", "ema"):
         for name, w in ck1[key].items():
-            torch.testing.assert_close(ck2[key][name], w, rtol=0, atol=1e-5)
+            # 1e-4: measured 2.4e-5 since the read-out starts at zero (issue 16), where AdamW's
+            # normalised update turns rounding-level gradient differences into visible ones; a real
+            # mismatch moves weights by O(lr) = 1e-3 a step
+            torch.testing.assert_close(ck2[key][name], w, rtol=0, atol=1e-4)
     # the same random streams continue after the run (a later resume on 1 or N processes agrees)
     assert json.loads(ck2["numpy_rng_json"]) == json.loads(ck1["numpy_rng_json"])
     torch.testing.assert_close(ck2["torch_rng"], ck1["torch_rng"], rtol=0, atol=0)

@@ -26,3 +26,14 @@ def small_run(tmp_path_factory):
                             platform="CPU", workers=1)
     traj.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def data20fs(tmp_path_factory):
+    """Alanine dipeptide, 2 replicas x 2 ps at 20 fs frames (101 frames each), N = 3: training data."""
+    import molflow
+
+    path = tmp_path_factory.mktemp("train") / "data.h5"
+    molflow.simulate("alanine_dipeptide", path, replicas=2, time_ps=2.0, frame_fs=20.0, n_coefficients=3,
+                     equilibrate_ps=2.0, seed=5, progress=False).close()
+    return path

@@ -35,15 +35,6 @@ def _new_molecule_module():
     return mod
 
 
-@pytest.fixture(scope="module")
-def ala_data(tmp_path_factory):
-    """2 replicas x 2 ps of alanine dipeptide at 20 fs frames, N = 3."""
-    path = tmp_path_factory.mktemp("ala") / "data.h5"
-    molflow.simulate("alanine_dipeptide", path, replicas=2, time_ps=2.0, frame_fs=20.0, n_coefficients=3,
-                     equilibrate_ps=2.0, seed=7, progress=False).close()
-    return path
-
-
 def _bond_ratio(system, x, x_ref):
     b = np.asarray(system.bonds, dtype=int).reshape(-1, 2)
     bl = lambda y: np.linalg.norm(y[:, b[:, 0]] - y[:, b[:, 1]], axis=-1)  # noqa: E731
@@ -92,14 +83,14 @@ def test_new_capped_dipeptide_end_to_end_through_the_cli(tmp_path, capsys):
     assert "verdict: STABLE at tau 0.1 ps" in capsys.readouterr().out
 
 
-def test_nan_losses_are_skipped_then_restored_then_stop_training(ala_data, tmp_path, monkeypatch):
+def test_nan_losses_are_skipped_then_restored_then_stop_training(data20fs, tmp_path, monkeypatch):
     """An injected bad batch (NaN loss) is skipped and counted; max_bad_steps in a row restore the
     last good state with half the learning rate; past max_restores training stops with an error
     naming the loss term and the step; no checkpoint with a non-finite weight is ever written."""
     sys_ = molflow.load_system("alanine_dipeptide")
     cfg = TrainConfig(**{k: v for k, v in TINY.items() if k in TrainConfig.__dataclass_fields__},
                       steps=100, tau_max_ps=0.04, max_bad_steps=3, max_restores=2)
-    tr = Trainer(sys_, FrameData([str(ala_data)]), cfg, MapConfig(n_features=16, n_layers=2), torch.device("cpu"), 1)
+    tr = Trainer(sys_, FrameData([str(data20fs)]), cfg, MapConfig(n_features=16, n_layers=2), torch.device("cpu"), 1)
     for _ in range(5):
         assert tr.train_step()["skipped"] == 0
     good = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -134,9 +125,9 @@ def test_nan_losses_are_skipped_then_restored_then_stop_training(ala_data, tmp_p
     assert not (tmp_path / "nan.pt").exists()
 
 
-def test_a_hand_made_nan_checkpoint_is_refused(ala_data, tmp_path):
+def test_a_hand_made_nan_checkpoint_is_refused(data20fs, tmp_path):
     path = tmp_path / "m.pt"
-    train("alanine_dipeptide", [str(ala_data)], path, tau_max_ps=0.04, steps=2, seed=1, config=TINY, progress=False)
+    train("alanine_dipeptide", [str(data20fs)], path, tau_max_ps=0.04, steps=2, seed=1, config=TINY, progress=False)
     ck = torch.load(path, weights_only=True)
     name = next(k for k in ck["ema"] if k.startswith("net."))
     ck["ema"][name] = torch.full_like(ck["ema"][name], float("nan"))
@@ -144,15 +135,15 @@ def test_a_hand_made_nan_checkpoint_is_refused(ala_data, tmp_path):
     with pytest.raises(InputError, match="NaN or infinity.*ema"):
         FlowMap.load(tmp_path / "nan.pt")
     with pytest.raises(InputError, match="HDF5 file .* not a molflow flow-map checkpoint"):
-        FlowMap.load(ala_data)
+        FlowMap.load(data20fs)
 
 
-def test_the_untrained_map_keeps_every_bond(ala_data):
+def test_the_untrained_map_keeps_every_bond(data20fs):
     """At initialisation the correction is exactly zero (zero-initialised read-out), so the map is its
     identity base and no bond moves at tau = 0.02-0.1 ps, whatever the coefficients and latents."""
     sys_ = molflow.load_system("alanine_dipeptide")
     fm = FlowMap(build_model(sys_, MapConfig(n_features=16, n_layers=2)), sys_, 0.02)
-    x0, v0 = start_states_from_run(ala_data, 8)
+    x0, v0 = start_states_from_run(data20fs, 8)
     for tau in (0.02, 0.05, 0.1):
         out = fm.sample((x0, v0), n_jumps=3, tau_ps=tau, seed=2, finish=0)
         assert out["restarts_per_replica"].sum() == 0
@@ -160,13 +151,13 @@ def test_the_untrained_map_keeps_every_bond(ala_data):
         np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
 
 
-def test_a_briefly_trained_map_does_no_worse_than_its_base(ala_data, tmp_path):
+def test_a_briefly_trained_map_does_no_worse_than_its_base(data20fs, tmp_path):
     """30 optimiser steps from the safe base: free-running at 0.02-0.1 ps with the sampler's default
     (the checkpoint's recommended physical finish), no replica trips the guards (the base never does)."""
     path = tmp_path / "m30.pt"
-    train("alanine_dipeptide", [str(ala_data)], path, tau_max_ps=0.1, steps=30, seed=3, config=TINY, progress=False)
+    train("alanine_dipeptide", [str(data20fs)], path, tau_max_ps=0.1, steps=30, seed=3, config=TINY, progress=False)
     fm = FlowMap.load(path, device="cpu")
-    x0, v0 = start_states_from_run(ala_data, 8)
+    x0, v0 = start_states_from_run(data20fs, 8)
     for tau in (0.02, 0.1):
         out = fm.sample((x0, v0), n_jumps=5, tau_ps=tau, seed=4)
         # no replica lost; restarts within the verdict's "stable" allowance (1 per 10 jumps)
@@ -174,7 +165,7 @@ def test_a_briefly_trained_map_does_no_worse_than_its_base(ala_data, tmp_path):
     assert fm.default_finish().n_steps == 20
 
 
-def test_sampler_error_names_the_guard_the_bond_and_the_jump(ala_data):
+def test_sampler_error_names_the_guard_the_bond_and_the_jump(data20fs):
     sys_ = molflow.load_system("alanine_dipeptide")
     model = build_model(sys_, MapConfig(n_features=16, n_layers=2))
     fm = FlowMap(model, sys_, 0.02, {"path": "bad.pt", "train_config": {"tau_max_ps": 0.1}})
@@ -185,7 +176,7 @@ def test_sampler_error_names_the_guard_the_bond_and_the_jump(ala_data):
         return xt + 0.1 * eps[:, 0], vt
 
     model.forward = wild
-    x0, v0 = start_states_from_run(ala_data, 2)
+    x0, v0 = start_states_from_run(data20fs, 2)
     with pytest.raises(SimulationError) as err:
         fm.sample((x0, v0), n_jumps=3, tau_ps=0.1, seed=1, max_retries=2, finish=0)
     msg = str(err.value)
@@ -193,13 +184,13 @@ def test_sampler_error_names_the_guard_the_bond_and_the_jump(ala_data):
     assert "molflow info bad.pt" in msg and "train longer" in msg and "--finish-steps" in msg
 
 
-def test_resume_with_more_steps_keeps_the_schedule(ala_data, tmp_path):
+def test_resume_with_more_steps_keeps_the_schedule(data20fs, tmp_path):
     """A finished run extended with --resume --steps keeps its planned LR schedule and curriculum
     (it goes on at the final learning rate), instead of re-planning them for the new total."""
     path = tmp_path / "r.pt"
     cfg = {**TINY, "lr_min_factor": 0.05}
-    train("alanine_dipeptide", [str(ala_data)], path, tau_max_ps=0.06, steps=10, seed=2, config=cfg, progress=False)
-    train("alanine_dipeptide", [str(ala_data)], path, tau_max_ps=0.06, steps=14, resume=True, config=cfg,
+    train("alanine_dipeptide", [str(data20fs)], path, tau_max_ps=0.06, steps=10, seed=2, config=cfg, progress=False)
+    train("alanine_dipeptide", [str(data20fs)], path, tau_max_ps=0.06, steps=14, resume=True, config=cfg,
           progress=False)
     hist = json.loads(torch.load(path, weights_only=True)["history_json"])
     assert [h["step"] for h in hist] == list(range(1, 15))

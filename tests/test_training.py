@@ -15,15 +15,6 @@ TINY = dict(n_features=16, n_layers=2, batch_size=12, validate_every=10_000, che
             verdict_replicas=0)
 
 
-@pytest.fixture(scope="module")
-def data20fs(tmp_path_factory):
-    """2 replicas x 2 ps at 20 fs frames (101 frames each), N = 3."""
-    path = tmp_path_factory.mktemp("train") / "data.h5"
-    molflow.simulate("alanine_dipeptide", path, replicas=2, time_ps=2.0, frame_fs=20.0, n_coefficients=3,
-                     equilibrate_ps=2.0, seed=5, progress=False).close()
-    return path
-
-
 def test_composed_coefficients_match_recorded_data(data20fs):
     """A k-frame jump's coefficients are the exact composition of the recorded frame blocks."""
     from molflow.brownian import compose

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import molflow
+    from molflow.evaluation.metrics import bond_angles, bond_lengths
     from molflow.finish import FinishConfig
     from molflow.md.engine import EnergyEvaluator, cpu_description
     from molflow.sampling import FlowMap, start_states_from_run
-    from molflow.training.objective import topology_terms
     from molflow.units import kinetic_temperature
 
     torch.set_num_threads(1)
@@ -46,13 +46,10 @@ def main(argv=None) -> int:
                          seed=20261206, progress=True).close()
     fm = FlowMap.load(args.model, device="cpu")
     mol = fm.system
-    b, a, _ = topology_terms(mol.bonds, mol.n_atoms)
+    b, a = mol.bonds, mol.angles
 
     def internals(x):
-        bl = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1)
-        u, w = x[:, a[:, 0]] - x[:, a[:, 1]], x[:, a[:, 2]] - x[:, a[:, 1]]
-        cos = (u * w).sum(-1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(w, axis=-1)
-        return bl, np.arccos(np.clip(cos, -1, 1))
+        return bond_lengths(x, b), bond_angles(x, a)
 
     with molflow.Trajectory(ref) as t:
         xr = np.asarray(t.positions[:, ::5]).reshape(-1, mol.n_atoms, 3).astype(np.float64)

@@ -38,9 +38,9 @@ import numpy as np
 
 import molflow
 from molflow.md.engine import (GPU_PLATFORMS, Group, GroupStart, RunSpec, available_platforms, cpu_description,
-                               hardware_description, minimise, plan_layout, platform_object, platform_properties,
-                               resolve_platform)
+                               hardware_description, minimise, plan_layout, resolve_platform)
 from molflow.md.multicopy import default_cutoff_nm
+from molflow.md.stock import stock_context, time_call
 from molflow.systems import load_system
 
 SIZES = {  # replicas -> simulated ps per replica (enough chunks for a steady-state rate)
@@ -67,25 +67,6 @@ def run_one(platform: str, replicas: int, time_ps: float, n_coefficients: int, w
             "ns_per_day_per_replica": rate / replicas, "wall_s_total": wall}
 
 
-def _stock_context(mol, x0, platform: str, seed: int):
-    import openmm
-
-    integ = openmm.LangevinMiddleIntegrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs / 1000.0)
-    integ.setRandomNumberSeed(seed)
-    ctx = openmm.Context(mol.create_system("nocutoff"), integ, platform_object(platform),
-                         platform_properties(platform, 1, False))
-    ctx.setPositions(x0)
-    ctx.setVelocitiesToTemperature(mol.temperature_K, seed)
-    integ.step(1000)
-    return ctx, integ
-
-
-def _time(fn) -> tuple[float, float]:
-    c0, w0 = time.thread_time(), time.perf_counter()
-    fn()
-    return time.thread_time() - c0, time.perf_counter() - w0
-
-
 def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 8)) -> dict:
     """Part 1 (module docstring): interleaved stock OpenMM vs molflow's engine, per core."""
     mol = load_system("alanine_dipeptide")
@@ -95,11 +76,11 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
     candidates = [p for p in ("Reference", "CPU") if p in available_platforms()]
     trial = {}
     for p in candidates:
-        ctx, integ = _stock_context(mol, x0, p, seed=7)
-        trial[p] = min(_time(lambda: integ.step(500))[0] for _ in range(3)) / 500 * 1e6
+        ctx, integ = stock_context(mol, x0, p, seed=7)
+        trial[p] = min(time_call(lambda: integ.step(500))[0] for _ in range(3)) / 500 * 1e6
         del ctx, integ
     stock_platform = min(trial, key=trial.get)
-    s_ctx, s_integ = _stock_context(mol, x0, stock_platform, seed=7)
+    s_ctx, s_integ = stock_context(mol, x0, stock_platform, seed=7)
 
     def stock_frames():
         for _ in range(frames):
@@ -126,7 +107,7 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
     names = list(runs)
     for r in range(rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
-            c, w = _time(runs[k])
+            c, w = time_call(runs[k])
             cpu[k].append(c / (frames * K) * 1e6)
             wall[k].append(w / (frames * K) * 1e6)
     rows = []

@@ -563,7 +563,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
                 bar.set_postfix(restarts=int(rollout.restarts.sum()), stopped=int((rollout.stopped_at >= 0).sum()))
     except SimulationError as exc:
         status = "failed: " + str(exc).split(". ")[0]
-        raise SimulationError(f"{exc}. The {len(buf['t']) + done} complete jump(s) are kept in {out} "
+        raise SimulationError(f"{exc}. The {k} complete jump(s) are kept in {out} "
                               "(attribute status says it failed; the evaluator flags it)") from None
     except BaseException:
         status = "interrupted: continue it with --resume"

@@ -68,6 +68,18 @@ def builtin_systems() -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/system.yaml"))
 
 
+def topology_terms(bonds: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bonds (nb, 2), angles (na, 3), proper dihedrals (nd, 4)) atom indices from the bond graph."""
+    bonds = np.asarray(bonds, dtype=int).reshape(-1, 2)
+    nbr: list[set[int]] = [set() for _ in range(n_atoms)]
+    for a, b in bonds:
+        nbr[a].add(b)
+        nbr[b].add(a)
+    angles = [(i, j, k) for j in range(n_atoms) for i in sorted(nbr[j]) for k in sorted(nbr[j]) if i < k]
+    dihedrals = [(i, j, k, l) for j, k in bonds for i in sorted(nbr[j] - {k}) for l in sorted(nbr[k] - {j, i})]
+    return bonds, np.array(angles, dtype=int).reshape(-1, 3), np.array(dihedrals, dtype=int).reshape(-1, 4)
+
+
 @dataclasses.dataclass
 class MolecularSystem:
     """One molecule and its simulation settings.
@@ -120,6 +132,11 @@ class MolecularSystem:
     def bonds(self) -> np.ndarray:
         """(n_bonds, 2) atom index pairs from the topology."""
         return np.array([(b[0].index, b[1].index) for b in self.topology.bonds()], dtype=int)
+
+    @property
+    def angles(self) -> np.ndarray:
+        """(n_angles, 3) bond angles (i, j, k), vertex j, from the bond graph."""
+        return topology_terms(self.bonds, self.n_atoms)[1]
 
     @property
     def settings(self) -> dict[str, Any]:

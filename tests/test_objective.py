@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from molflow.training.objective import InternalCoordinates, WhitenedInternalScore, topology_terms
+from molflow.systems import topology_terms
+from molflow.training.objective import InternalCoordinates, WhitenedInternalScore
 
 
 def test_topology_terms_of_a_chain_and_a_branch():

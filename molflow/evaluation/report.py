@@ -251,6 +251,8 @@ def _stationary(ref: RunData, cand: RunData, system) -> dict[str, Any]:
         "basin_populations": {"reference": M.basin_populations(ref.phi, ref.psi),
                               "samples": M.basin_populations(cand.phi, cand.psi)},
         "bond_w1_nm": M.bond_length_w1(ref.structure_positions, cand.structure_positions, system.bonds),
+        "spread_ratios": M.spread_ratios(ref.structure_positions, cand.structure_positions, system.bonds,
+                                         system.angles),
     }
     if ref.energies is not None and cand.energies is not None:
         out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.structure_energies, cand.structure_energies)
@@ -543,6 +545,13 @@ def _markdown(r: dict[str, Any], figures: list[Path]) -> str:
                      f"{_fmt(f['psi'])} | {_fmt(f['phi_psi'])} | "
                      f"{_fmt(s['bond_w1_nm'])} | {_fmt(s['energy_w1_kj_mol'])} | "
                      f"{_fmt(s['kinetic_temperature_k']['samples'], 4)} |")
+    sp = r["stationary"].get("spread_ratios") or {}
+    if sp.get("n_bonds"):
+        lines += ["", f"Bond and angle spreads, std(samples) / std(judge): bonds median {_fmt(sp['bond_ratio_median'])}, "
+                  f"range {_fmt(sp['bond_ratio_min'])}–{_fmt(sp['bond_ratio_max'])} ({sp['bonds_within_10pct']} of "
+                  f"{sp['n_bonds']} within 10%); angles median {_fmt(sp['angle_ratio_median'])}, range "
+                  f"{_fmt(sp['angle_ratio_min'])}–{_fmt(sp['angle_ratio_max'])} ({sp['angles_within_10pct']} of "
+                  f"{sp['n_angles']} within 10%). Ratios above 1: bonds too loose (strained molecule)."]
     tk = r["stationary"]["kinetic_temperature_k"]
     lines += ["", f"Kinetic temperature (on-step velocities): reference {_fmt(tk['reference'], 4)} K, samples "
               f"{_fmt(tk['samples'], 4)} K, thermostat {_fmt(tk['target'], 4)} K (BAOAB's on-step velocities "

@@ -25,21 +25,10 @@ import numpy as np
 import torch
 
 from ..flowmap import energy_score
+from ..systems import topology_terms
 
 #: objectives ``molflow train`` accepts (TrainConfig.objective)
 OBJECTIVES = ("whitened_crps", "energy", "mse")
-
-
-def topology_terms(bonds: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(bonds (nb, 2), angles (na, 3), proper dihedrals (nd, 4)) atom indices from the bond graph."""
-    bonds = np.asarray(bonds, dtype=int).reshape(-1, 2)
-    nbr: list[set[int]] = [set() for _ in range(n_atoms)]
-    for a, b in bonds:
-        nbr[a].add(b)
-        nbr[b].add(a)
-    angles = [(i, j, k) for j in range(n_atoms) for i in sorted(nbr[j]) for k in sorted(nbr[j]) if i < k]
-    dihedrals = [(i, j, k, l) for j, k in bonds for i in sorted(nbr[j] - {k}) for l in sorted(nbr[k] - {j, i})]
-    return bonds, np.array(angles, dtype=int).reshape(-1, 3), np.array(dihedrals, dtype=int).reshape(-1, 4)
 
 
 def _angle(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

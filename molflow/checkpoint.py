@@ -8,6 +8,7 @@ metrics history and the molflow version.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,15 @@ FORMAT = "molflow-flowmap"
 
 #: payload entries holding network weights: they must be finite to be written or read
 WEIGHT_KEYS = ("model", "ema")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A 16-hex digest of a module's weights (recorded by sampled files; resume refuses another model)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def non_finite_tensors(payload: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,16 @@ from .evaluation.dihedrals import phi_psi
 from .evaluation.figures import ramachandran
 from .evaluation.metrics import basin_populations
 from .md.engine import simulate
+from .md.stock import stock_speed
 from .units import kinetic_temperature
 
-#: jump length of the quickstart's sampling (ps): the pretrained CPU-sized map is trained up to 0.1 ps
-SAMPLE_TAU_PS = 0.1
+#: jump length of the quickstart's short training run (ps)
+TRAIN_TAU_PS = 0.1
 SIZES = {  # reference MD, training data, short training, sampling
     "full": dict(replicas=4, time_ps=250.0, equil=10.0, train_replicas=2, train_ps=20.0, train_steps=200,
-                 sample_replicas=16, sample_jumps=200, pathwise_jumps=20),
+                 sample_replicas=16, sample_jumps=400, pathwise_jumps=20, stock_steps=20000),
     "small": dict(replicas=2, time_ps=2.0, equil=1.0, train_replicas=2, train_ps=1.0, train_steps=3,
-                  sample_replicas=2, sample_jumps=3, pathwise_jumps=3),
+                  sample_replicas=2, sample_jumps=3, pathwise_jumps=3, stock_steps=2000),
 }
 
 
@@ -78,26 +80,34 @@ def _run(out: Path, seed: int | None, small: bool, progress: bool) -> Path:
              frame_fs=20.0, n_coefficients=3, equilibrate_ps=z["equil"], seed=seed + 1, overwrite=True,
              progress=progress).close()
     model = train("alanine_dipeptide", data=[str(out / "train_data.h5")], out=out / "model_short.pt",
-                  tau_max_ps=SAMPLE_TAU_PS, steps=z["train_steps"], seed=seed + 2, progress=progress,
+                  tau_max_ps=TRAIN_TAU_PS, steps=z["train_steps"], seed=seed + 2, progress=progress,
                   config={"batch_size": 8, "validate_every": max(1, z["train_steps"] // 2)},
                   n_features=16, n_layers=2)
     training = _training_summary(Path(str(model) + ".metrics.csv"))
     # 3. sampling with the shipped pretrained map
     say("[3/4] sampling with the pretrained map")
     fm = FlowMap.load(pretrained_map(), system="alanine_dipeptide", device="cpu")
-    sampling: dict = {"model": str(pretrained_map()), "tau_ps": SAMPLE_TAU_PS}
+    tau = float(fm.tau_max_ps or 0.1)  # one network evaluation per jump of the longest trained length
+    sampling: dict = {"model": str(pretrained_map()), "tau_ps": tau, "finish": fm.default_finish().to_attrs()}
     x0, v0 = start_states_from_run(out / "reference.h5", z["sample_replicas"])
+    c0 = time.process_time()
     try:
-        fm.sample((x0, v0), n_jumps=z["sample_jumps"], tau_ps=SAMPLE_TAU_PS, seed=seed + 3, mode="sample",
-                  out=out / "samples.h5", overwrite=True, progress=progress, chunk_jumps=1).close()
+        fm.sample((x0, v0), n_jumps=z["sample_jumps"], tau_ps=tau, seed=seed + 3, mode="sample",
+                  out=out / "samples.h5", overwrite=True, progress=progress, chunk_jumps=16).close()
     except MolflowError as exc:  # every replica exploded: report it, evaluate what was kept
         sampling["free_running_error"] = str(exc)
-    px, pv, pL = pathwise_inputs(out / "reference.h5", SAMPLE_TAU_PS, n_jumps=z["pathwise_jumps"],
+    cpu_s = time.process_time() - c0
+    # speed: a ratio against stock OpenMM measured in this run (DESIGN.md 10)
+    stock = stock_speed(fm.system, steps=z["stock_steps"])
+    sim_ns = z["sample_replicas"] * z["sample_jumps"] * tau / 1000.0
+    sampling["speed"] = {"sampler_cpu_s": cpu_s, "simulated_ns": sim_ns, "sampler_ns_per_cpu_s": sim_ns / cpu_s,
+                         "stock_openmm": stock, "ratio_vs_stock_openmm": sim_ns / cpu_s / stock["ns_per_cpu_s"]}
+    px, pv, pL = pathwise_inputs(out / "reference.h5", tau, n_jumps=z["pathwise_jumps"],
                                  n_coefficients=fm.n_coefficients)
     try:
-        fm.sample((px, pv), n_jumps=z["pathwise_jumps"], tau_ps=SAMPLE_TAU_PS, seed=seed + 4, mode="mean",
+        fm.sample((px, pv), n_jumps=z["pathwise_jumps"], tau_ps=tau, seed=seed + 4, mode="mean",
                   brownian=pL, out=out / "samples_pathwise.h5", overwrite=True, progress=progress,
-                  attrs=pathwise_attrs(out / "reference.h5"), chunk_jumps=1).close()
+                  attrs=pathwise_attrs(out / "reference.h5"), chunk_jumps=16).close()
     except MolflowError as exc:
         sampling["pathwise_error"] = str(exc)
     # 4. evaluation
@@ -160,6 +170,7 @@ def _headline(m: dict) -> dict:
     s = m["stationary"]
     out = {"js_phi_psi": s["js_phi_psi"], "fes_rmse_kj_mol_phi_psi": s["fes_rmse_kj_mol"]["phi_psi"],
            "bond_w1_nm": s["bond_w1_nm"], "energy_w1_kj_mol": s["energy_w1_kj_mol"],
+           "spread_ratios": s.get("spread_ratios"),
            "kinetic_temperature_k": s["kinetic_temperature_k"]["samples"],
            "noise_floor_js_phi_psi": m["noise_floor"]["stationary"]["js_phi_psi"],
            "samples": m["samples"], "cost": m["cost"]["samples"]}
@@ -167,6 +178,19 @@ def _headline(m: dict) -> dict:
     if pw.get("jumps"):
         out["pathwise_heavy_rmsd_aligned_nm"] = dict(zip(map(str, pw["time_ps"]), pw["strong_error_heavy_rmsd_aligned_nm"]))
     return out
+
+
+def _shipped_fidelity() -> dict | None:
+    """The shipped map's free-running fidelity as measured by ``benchmarks/fidelity_cpu.py`` (recorded
+    in ``flowmap.json`` beside it), or None."""
+    meta = pretrained_map().with_suffix(".json")
+    try:
+        fid = json.loads(meta.read_text()).get("fidelity")
+    except (OSError, ValueError):
+        return None
+    if not fid:
+        return None
+    return {"source": f"{meta.name} → fidelity", "text": fid.get("summary", "")}
 
 
 def _g(x, digits=3) -> str:
@@ -204,6 +228,16 @@ def _report(s: dict, z: dict) -> str:
         f"- `samples_pathwise.h5`: pathwise, `mean` mode, driven by the reference's recorded path from each "
         f"replica's frame 0, {z['pathwise_jumps']} jumps",
     ]
+    sp = sm.get("speed")
+    if sp:
+        st = sp["stock_openmm"]
+        lines.append(f"- speed, free-running (finish {sm['finish']['finish_steps']} force-field steps per jump included): "
+                     f"{sp['sampler_ns_per_cpu_s']:.3g} simulated ns per CPU-second against stock OpenMM's "
+                     f"{st['ns_per_cpu_s']:.3g} (LangevinMiddleIntegrator, {st['platform']}, one thread, "
+                     f"{st['us_per_step_cpu']:.1f} us per 1-fs step, timed in this run): **{sp['ratio_vs_stock_openmm']:.1f}x**")
+    bench = _shipped_fidelity()
+    if bench:
+        lines.append(f"- the shipped map's long benchmark (`{bench['source']}`): {bench['text']}")
     for key in ("free_running_error", "pathwise_error"):
         if key in sm:
             lines.append(f"- **{key.replace('_', ' ')}**: {sm[key]}")
@@ -224,6 +258,11 @@ def _report(s: dict, z: dict) -> str:
             + (f" ({smp['evaluation_note']})" if smp.get("evaluation_note") else ""),
             f"- speed: {_g(h['cost'].get('ns_per_wall_s'))} simulated ns per wall-clock second",
         ]
+        sp = h.get("spread_ratios") or {}
+        if sp.get("n_bonds"):
+            lines.append(f"- bond/angle spread ratios (std samples / std reference): bonds median "
+                         f"{_g(sp['bond_ratio_median'])}, worst {_g(sp['bond_ratio_max'])}; angles median "
+                         f"{_g(sp['angle_ratio_median'])}, worst {_g(sp['angle_ratio_max'])}")
         if h.get("pathwise_heavy_rmsd_aligned_nm"):
             pts = list(h["pathwise_heavy_rmsd_aligned_nm"].items())
             lines.append("- strong error (aligned heavy-atom RMSD, nm) after " + ", ".join(

@@ -25,7 +25,6 @@ every complete frame.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -168,11 +167,9 @@ class FlowMap:
     @property
     def fingerprint(self) -> str:
         """A digest of the weights in use (recorded by sampled runs; resume refuses another model)."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        from .checkpoint import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, system: str | MolecularSystem | None = None,

@@ -120,3 +120,21 @@ def test_training_data_guards(data20fs):
     with pytest.raises(InputError, match="records 3 path coefficients"):
         FrameData([str(data20fs)], n_coefficients=5)
     assert FrameData([str(data20fs)], n_coefficients=2).L.shape[2] == 2  # the first ones are exact
+
+
+def test_cpu_training_picks_the_machine_sized_defaults(data20fs, tmp_path):
+    """With no size settings a CPU run trains the measured CPU size (MACHINE_DEFAULTS: 32 features,
+    2 layers, batch 32); a size the user sets wins over the machine default."""
+    import json
+
+    quiet = dict(validate_every=10_000, checkpoint_every=10_000, verdict_replicas=0)
+    train("alanine_dipeptide", [str(data20fs)], tmp_path / "a.pt", tau_max_ps=0.04, steps=1, seed=1, device="cpu",
+          config=quiet, progress=False)
+    ck = torch.load(tmp_path / "a.pt", weights_only=True)
+    m, t = json.loads(ck["map_config_json"]), json.loads(ck["train_config_json"])
+    assert (m["n_features"], m["n_layers"], t["batch_size"]) == (32, 2, 32)
+    train("alanine_dipeptide", [str(data20fs)], tmp_path / "b.pt", tau_max_ps=0.04, steps=1, seed=1, device="cpu",
+          config={**quiet, "batch_size": 8}, n_features=16, progress=False)
+    ck = torch.load(tmp_path / "b.pt", weights_only=True)
+    m, t = json.loads(ck["map_config_json"]), json.loads(ck["train_config_json"])
+    assert (m["n_features"], m["n_layers"], t["batch_size"]) == (16, 2, 8)

@@ -34,7 +34,6 @@ reweights, so ``reweight`` does not change which conformations are drawn (up to 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -95,11 +94,9 @@ class BoltzmannSampler:
     @property
     def fingerprint(self) -> str:
         """A digest of the weights in use (recorded in sample files)."""
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        from ..checkpoint import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", weights: str = "ema") -> "BoltzmannSampler":

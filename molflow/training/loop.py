@@ -486,6 +486,20 @@ def _train_rank(ctx, args: dict[str, Any]) -> None:
     _train(ctx, device=ctx.device, **args)
 
 
+#: model size and batch when the user sets none, per device kind. On CPU (2 cores, one thread per
+#: process; measured, DESIGN.md 3.4 and issue 17): PaiNN 32 features / 2 layers trains at 13 steps/s
+#: with batch 16 (210 items/s) and ~12-19 steps/s with batch 32 (385-600 items/s, semigroup loss on /
+#: off), 64 / 3 at 7 steps/s (110 items/s), and at equal CPU time 64 / 3 was no better (energy +439 vs
+#: +90 kJ/mol at tau = 0.2 ps after 14 vs 8 CPU-minutes). GPUs keep MapConfig's and TrainConfig's
+#: defaults (64 / 3, batch 16).
+MACHINE_DEFAULTS = {"cpu": {"n_features": 32, "n_layers": 2, "batch_size": 32}, "cuda": {}}
+
+
+def machine_defaults(device: torch.device | str) -> dict[str, Any]:
+    """The size settings :data:`MACHINE_DEFAULTS` gives ``device`` when the user sets none."""
+    return dict(MACHINE_DEFAULTS.get(torch.device(device).type, {}))
+
+
 def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, device: torch.device, seed,
            resume: bool, config, progress: bool, map_settings: dict[str, Any]) -> Path:
     """The training run of one process; ``ctx`` (a distributed.Context) or None for a single one."""
@@ -495,8 +509,12 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
 
     main = ctx is None or ctx.is_main
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config or {}))
-    map_cfg = MapConfig(**{k: v for k, v in {**(config if isinstance(config, dict) else {}), **map_settings}.items()
+    given = {**(config if isinstance(config, dict) else {}), **map_settings}
+    machine = {k: v for k, v in machine_defaults(device).items()
+               if k not in given and not (k == "batch_size" and isinstance(config, TrainConfig))}
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(
+        {**dict(config or {}), **{k: v for k, v in machine.items() if k == "batch_size"}})
+    map_cfg = MapConfig(**{k: v for k, v in {**machine, **given}.items()
                            if k in {f.name for f in dataclasses.fields(MapConfig)}})
     cfg = dataclasses.replace(cfg, tau_max_ps=float(tau_max_ps), steps=int(steps or cfg.steps))
     mol = system if isinstance(system, MolecularSystem) else load_system(system)
@@ -527,6 +545,8 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         n_par = sum(p.numel() for p in trainer.model.parameters())
         ranks = f" processes={ctx.world}" if ctx is not None else ""
         print(f"molflow train: system={mol.name} seed={trainer.seed} device={dev}{ranks} params={n_par} "
+              f"features={trainer.map_config.n_features} layers={trainer.map_config.n_layers} "
+              f"batch={cfg.batch_size}{' (defaults for this device)' if machine and not resume else ''} "
               f"h0={frames.h0_ps * 1000:g} fs tau_max={cfg.tau_max_ps} ps N={frames.n_coefficients}", file=sys.stderr)
     log_path = out.with_name(out.name + ".metrics.csv")
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (progress and main), desc="train",

@@ -278,7 +278,8 @@ def local_loss(model, z_s: torch.Tensor, z_t: torch.Tensor, L: torch.Tensor, tau
                latent_fn: Callable, objective: str = "energy", n_latent: int | None = None,
                score_features: Callable | None = None, beta: float = 1.0, crps_weight: float = 0.0,
                variogram_weight: float = 0.0, variogram_p: float = 0.5, tau_power: float = 1.0,
-               generator: torch.Generator | None = None):
+               generator: torch.Generator | None = None, item_score: Callable | None = None,
+               weights: torch.Tensor | None = None):
     """Scoring-rule loss of ``model(z_s, L, ε_j, τ)`` (j = 1..m) against the target ``z_t``.
 
     ``z_s``, ``z_t`` (B, *S); ``L`` (B, N, *W) the coefficients of [s, s+τ]; ``tau`` (B,).
@@ -287,22 +288,32 @@ def local_loss(model, z_s: torch.Tensor, z_t: torch.Tensor, L: torch.Tensor, tau
     Returns ``(loss, {"score": mean unweighted score, "spread": mean ‖T_1 − T_2‖ of the first two
     samples (0 for m = 1), "error": mean ‖T_1 − y‖, "tau": mean τ})`` — diagnostics detached, in
     feature units.
+
+    ``item_score(samples (m, B, *S), z_t, z_s, tau) -> (B,)`` replaces features + scoring rule where
+    the score depends on the start state (the molecular trainer's displacement features and whitened
+    internal coordinates; diagnostics then hold only "score" and "tau"). ``weights`` (B,) weigh the
+    items (0 leaves one out): the loss is then sum(w_τ weights score) / sum(weights).
     """
-    features = score_features or flatten_features
     m = _default_m(objective, n_latent)
     samples = _draw(model, z_s, L, tau, latent_fn, m, generator)
-    sf = features(samples.reshape((-1,) + tuple(samples.shape[2:]))).reshape(m, z_s.shape[0], -1)
-    tf = features(z_t)
-    per = score(sf, tf, objective, beta, crps_weight, variogram_weight, variogram_p)
+    if item_score is None:
+        features = score_features or flatten_features
+        sf = features(samples.reshape((-1,) + tuple(samples.shape[2:]))).reshape(m, z_s.shape[0], -1)
+        tf = features(z_t)
+        per = score(sf, tf, objective, beta, crps_weight, variogram_weight, variogram_p)
+    else:
+        per = item_score(samples, z_t, z_s, tau)
     w = tau.to(per).pow(-tau_power) if tau_power else torch.ones_like(per)
-    loss = (w * per).mean()
+    if weights is None:
+        loss = (w * per).mean()
+    else:
+        weights = weights.to(per)
+        loss = (w * weights * per).sum() / weights.sum().clamp_min(1.0)
     with torch.no_grad():
-        diag = {
-            "score": per.mean().detach(),
-            "error": (sf[0] - tf).norm(dim=-1).mean(),
-            "spread": (sf[0] - sf[1]).norm(dim=-1).mean() if m >= 2 else torch.zeros((), dtype=per.dtype),
-            "tau": tau.mean().detach().to(per),
-        }
+        diag = {"score": per.mean().detach(), "tau": tau.mean().detach().to(per)}
+        if item_score is None:
+            diag["error"] = (sf[0] - tf).norm(dim=-1).mean()
+            diag["spread"] = (sf[0] - sf[1]).norm(dim=-1).mean() if m >= 2 else torch.zeros((), dtype=per.dtype)
     return loss, diag
 
 
@@ -380,7 +391,8 @@ def semigroup_loss(model, teacher, z_s: torch.Tensor, L: torch.Tensor, tau: torc
                    latent_fn: Callable, split_fn: Callable | None = None, objective: str = "energy",
                    n_latent: int | None = None, score_features: Callable | None = None, beta: float = 1.0,
                    crps_weight: float = 0.0, variogram_weight: float = 0.0, variogram_p: float = 0.5,
-                   tau_power: float = 1.0, generator: torch.Generator | None = None):
+                   tau_power: float = 1.0, generator: torch.Generator | None = None,
+                   item_score: Callable | None = None, broken: Callable | None = None):
     """Self-distillation (semigroup) loss on jumps [s, s+τ] (DESIGN §3.2).
 
     ``L`` (B, N, *W): the coefficients of the whole jump (recorded/composed, or freshly drawn).
@@ -390,17 +402,29 @@ def semigroup_loss(model, teacher, z_s: torch.Tensor, L: torch.Tensor, tau: torc
     ``EMA.model``; no gradient): two half-jumps, an independent fresh latent per half — one sample
     of the composed law.  Student: one jump with the full coefficients and m latents, scored as in
     :func:`local_loss` (weighted by τ^(-tau_power)).  Returns ``(loss, diagnostics)``.
+
+    ``broken(z_s, z_mid, z_end) -> (B,) bool``: teacher outputs that are no target (non-finite, a
+    broken molecule); their items get weight 0 (and the start state as a harmless stand-in target,
+    so 0 x score stays finite) and are counted in ``diagnostics["teacher_excluded"]``.
+    ``item_score``: as in :func:`local_loss`.
     """
     split_fn = split_fn or continuous_half_split
     b = z_s.shape[0]
+    weights = None
     with torch.no_grad():
         l1, t1, l2, t2 = split_fn(L, tau, generator)
         z_mid = teacher(z_s, l1, latent_fn(b, generator), t1)
         target = teacher(z_mid, l2, latent_fn(b, generator), t2)
-    return local_loss(model, z_s, target, L, tau, latent_fn=latent_fn, objective=objective, n_latent=n_latent,
-                      score_features=score_features, beta=beta, crps_weight=crps_weight,
-                      variogram_weight=variogram_weight, variogram_p=variogram_p, tau_power=tau_power,
-                      generator=generator)
+        if broken is not None:
+            bad = broken(z_s, z_mid, target)
+            weights = (~bad).to(z_s.dtype)
+            target = torch.where(bad.view((-1,) + (1,) * (target.ndim - 1)), z_s, target)
+    loss, diag = local_loss(model, z_s, target, L, tau, latent_fn=latent_fn, objective=objective, n_latent=n_latent,
+                            score_features=score_features, beta=beta, crps_weight=crps_weight,
+                            variogram_weight=variogram_weight, variogram_p=variogram_p, tau_power=tau_power,
+                            generator=generator, item_score=item_score, weights=weights)
+    diag["teacher_excluded"] = int(bad.sum()) if broken is not None else 0
+    return loss, diag
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..flowmap import EMA, score
+from ..flowmap import EMA, local_loss, score, semigroup_loss
 from ..evaluation.structure import rmsd
 from ..models.molecular import MapConfig
 from ..seeding import random_seed
@@ -180,20 +180,40 @@ class Trainer:
         """Fresh latents (B, k, A, 3), as the model's own ``sample_latent`` draws them."""
         return self.randn(B, self.map_config.n_latent, self.system.n_atoms, 3)
 
-    def _jump_loss(self, b: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Local/direct loss per item (B,) on recorded jumps: the target is the recorded end state."""
-        model = self.model if model is None else model
-        m = self.config.n_latent_samples if self.config.objective != "mse" else 1
-        B = b["x0"].shape[0]
-        rep = lambda t: t.repeat(m, *([1] * (t.dim() - 1)))  # noqa: E731
-        xt, vt = model(rep(b["x0"]), rep(b["v0"]), rep(b["L"]), self._latent(m * B), rep(b["tau"]))
+    def _as_state_map(self, model: torch.nn.Module):
+        """The molecular map as the generic SSFM losses (molflow.flowmap) see a map: a state z = (x, v)
+        stacked (B, 2, A, 3), called as f(z, L, eps, tau)."""
+        def f(z, L, eps, tau):
+            x, v = model(z[:, 0], z[:, 1], L, eps, tau)
+            return torch.stack([x, v], 1)
+        return f
+
+    def _item_score(self, samples: torch.Tensor, z_t: torch.Tensor, z_s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """Per-item score (B,) of m sampled end states (m, B, 2, A, 3) against the target (B, 2, A, 3),
+        on features relative to the start: displacement / (v_th tau) and v / v_th."""
+        m, B = samples.shape[:2]
         v_th = self.model.v_th
-        pred = _features(xt, vt, rep(b["x0"]), rep(b["tau"]), v_th).view(m, B, -1)
-        target = _features(b["x1"], b["v1"], b["x0"], b["tau"], v_th)
+        flat = samples.reshape(m * B, *samples.shape[2:])
+        rep = lambda t: t.repeat(m, *([1] * (t.dim() - 1)))  # noqa: E731
+        pred = _features(flat[:, 0], flat[:, 1], rep(z_s[:, 0]), rep(tau), v_th).view(m, B, -1)
+        target = _features(z_t[:, 0], z_t[:, 1], z_s[:, 0], tau, v_th)
         if self.scorer is not None:  # whitened internal coordinates + per-coordinate CRPS
-            return self.scorer(pred, target, xt.view(m, B, *xt.shape[1:]), b["x1"])
-        # per-item scoring rule shared with the generic SSFM code; / sqrt(D) keeps it O(1) per DOF
+            return self.scorer(pred, target, samples[:, :, 0], z_t[:, 0])
+        # the generic scoring rule; / sqrt(D) keeps it O(1) per degree of freedom
         return score(pred, target, self.config.objective) / math.sqrt(pred.shape[-1])
+
+    def _loss_settings(self) -> dict[str, Any]:
+        c = self.config
+        return dict(latent_fn=lambda n, _g=None: self._latent(n), objective=c.objective,
+                    n_latent=c.n_latent_samples if c.objective != "mse" else 1, tau_power=0.0,
+                    item_score=self._item_score)
+
+    def _jump_loss(self, b: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Local/direct loss on recorded jumps (the target is the recorded end state):
+        :func:`molflow.flowmap.local_loss` on the molecular state."""
+        model = self.model if model is None else model
+        z_s, z_t = torch.stack([b["x0"], b["v0"]], 1), torch.stack([b["x1"], b["v1"]], 1)
+        return local_loss(self._as_state_map(model), z_s, z_t, b["L"], b["tau"], **self._loss_settings())[0]
 
     def _broken(self, x: torch.Tensor, v: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
         """Per item (B,): non-finite, or a bond outside the sampler's guard relative to ``x_ref``."""
@@ -209,30 +229,30 @@ class Trainer:
         return ~(finite & torch.nan_to_num(ok.float(), 0.0).bool())
 
     def _semigroup_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Self-distillation on the recorded path of 2k intervals: teacher = two EMA half-jumps fed
-        the recorded half-path coefficients (a true sample of the halves given the whole), student =
-        one jump with the composed coefficients; scored against the teacher's end state, / tau."""
+        """Self-distillation (:func:`molflow.flowmap.semigroup_loss`) on the recorded path of 2k
+        intervals: teacher = two EMA half-jumps fed the recorded half-path coefficients (a true sample
+        of the halves given the whole), student = one jump with the composed coefficients. Teacher
+        outputs that are non-finite or break a bond beyond the sampler's guard are left out and
+        counted. Features are normalised by tau (displacement / (v_th tau)), which plays the role of
+        the 1/tau scale of DESIGN.md section 3.2: scores are O(1) at every jump length."""
         from .data import _composition
 
         N = self.data.n_coefficients
         L1, L2 = b["L_halves"]
-        B = b["x0"].shape[0]
-        with torch.no_grad():
-            xm, vm = self.ema(b["x0"], b["v0"], L1, self._latent(B), b["tau"] / 2)
-            xT, vT = self.ema(xm, vm, L2, self._latent(B), b["tau"] / 2)
-            # a broken teacher output (non-finite, a bond outside the sampler's guard) is no target:
-            # its items get weight 0 (and a harmless stand-in target, so 0 * score stays finite)
-            bad = self._broken(xm, vm, b["x0"]) | self._broken(xT, vT, b["x0"])
-            keep = (~bad).to(b["x0"].dtype)
-            xT = torch.where(bad[:, None, None], b["x0"], xT)
-            vT = torch.where(bad[:, None, None], b["v0"], vT)
-        self.counts["teacher_excluded"] += int(bad.sum())
         A2 = torch.as_tensor(_composition(2, N), dtype=L1.dtype, device=L1.device)
         L = torch.einsum("nm,bmac->bnac", A2[0], L1) + torch.einsum("nm,bmac->bnac", A2[1], L2)
-        teacher = {"x0": b["x0"], "v0": b["v0"], "x1": xT, "v1": vT, "L": L, "tau": b["tau"]}
-        # features are normalised by tau (displacement / (v_th tau)), which plays the role of the
-        # 1/tau scale of DESIGN.md section 3.2: scores are O(1) at every jump length
-        return (self._jump_loss(teacher) * keep).sum() / keep.sum().clamp_min(1.0)
+
+        def recorded_halves(L_, tau, _g=None):
+            return L1, tau / 2, L2, tau / 2
+
+        def broken(z_s, z_mid, z_end):
+            return self._broken(z_mid[:, 0], z_mid[:, 1], z_s[:, 0]) | self._broken(z_end[:, 0], z_end[:, 1], z_s[:, 0])
+
+        z_s = torch.stack([b["x0"], b["v0"]], 1)
+        loss, diag = semigroup_loss(self._as_state_map(self.model), self._as_state_map(self.ema), z_s, L, b["tau"],
+                                    split_fn=recorded_halves, broken=broken, **self._loss_settings())
+        self.counts["teacher_excluded"] += diag["teacher_excluded"]
+        return loss
 
     def _semigroup_gate(self, local: dict[str, torch.Tensor], student_local: float) -> bool:
         """Open the semigroup loss once the EMA teacher is a trained map: its local loss on this
@@ -246,7 +266,7 @@ class Trainer:
         if self.step < 20 or self.step % 10 or self.local_running is None:
             return False
         with torch.no_grad():
-            teacher_local = float(self._jump_loss(local, model=self.ema).mean())
+            teacher_local = float(self._jump_loss(local, model=self.ema))
         ok = math.isfinite(teacher_local) and teacher_local <= self.config.semigroup_gate * self.local_running
         self.semigroup_on = bool(self.agree(ok))
         return self.semigroup_on
@@ -264,11 +284,11 @@ class Trainer:
         losses = {}
         total = 0.0
         local = self._perturb(d.batch(n_loc, 1, self.rng, device=self.device))
-        losses["local"] = self._jump_loss(local).mean()
+        losses["local"] = self._jump_loss(local)
         total = total + c.fraction_local * losses["local"]
         if n_dir and kmax >= 2:
             k = self._draw_k(2, kmax)
-            losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device))).mean()
+            losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device)))
             total = total + c.fraction_direct * losses["direct"]
         if n_sg and kmax >= 2 and self._semigroup_gate(local, float(losses["local"].detach())):
             k = max(1, self._draw_k(2, kmax) // 2)

@@ -460,6 +460,16 @@ def compose_consecutive(pieces: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # EMA, τ sampling and curriculum
 # ----------------------------------------------------------------------------------------------
+def warmup_cosine(step: int, total: int, floor: float) -> float:
+    """Learning-rate factor: linear warm-up over max(1, total // 50) steps, then a cosine from 1 down
+    to ``floor`` at step ``total``, constant after it (both molecular trainers use it)."""
+    warm = max(1, total // 50)
+    if step < warm:
+        return (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 class EMA:
     """Exponential moving average of a model's parameters; ``.model`` is the teacher copy.
 

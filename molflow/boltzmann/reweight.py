@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.func import jacrev, vmap
 
+from ..evaluation.metrics import kish_ess  # noqa: F401  (part of this module's reweighting API)
+
 
 def gaussian_log_density(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I_d) of flat samples (B, d)."""
@@ -174,8 +176,3 @@ def self_normalise(log_w: np.ndarray, keep: np.ndarray | None = None) -> np.ndar
     return w
 
 
-def kish_ess(weights: np.ndarray) -> float:
-    """Kish's effective sample size (Σw)² / Σw² (0 for no weight)."""
-    w = np.asarray(weights, dtype=np.float64)
-    s2 = float((w * w).sum())
-    return float(w.sum() ** 2 / s2) if s2 > 0 else 0.0

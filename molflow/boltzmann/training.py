@@ -24,7 +24,6 @@ trainer does. ``networks = 2``: DSM trains the score network during the warm-up,
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..flowmap import ComposedFlowMap, local_loss, sample_coefficients_torch, semigroup_loss
+from ..flowmap import EMA, ComposedFlowMap, local_loss, sample_coefficients_torch, semigroup_loss, warmup_cosine
 from ..seeding import random_seed
 from ..systems import MolecularSystem, load_system
 from ..checkpoint import save_checkpoint
@@ -143,7 +142,7 @@ class BoltzmannTrainer:
         self.data = torch.as_tensor(frames_nm / scale, dtype=torch.float32, device=device)
         torch.manual_seed(seed)
         self.model = build_map(system, scale, map_config, frames_nm).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.teacher = EMA(self.model, decay=config.ema_decay, warmup=False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -151,6 +150,11 @@ class BoltzmannTrainer:
         self.history: list[dict[str, float]] = []
         self.fine = ComposedFlowMap(ScoreSolver(self.ema), config.local_substeps, map_config.n_coefficients,
                                     (system.n_atoms, 3)).to(device)
+
+    @property
+    def ema(self) -> torch.nn.Module:
+        """The EMA teacher's model (flowmap.EMA, no warm-up)."""
+        return self.teacher.model
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -166,11 +170,8 @@ class BoltzmannTrainer:
         return max(1, int(round(top ** (1.0 - frac))))
 
     def lr_factor(self) -> float:
-        c = self.config
-        warm = max(1, c.steps // 50)
-        if self.step_count < warm:
-            return (self.step_count + 1) / warm
-        return 0.55 + 0.45 * math.cos(math.pi * min(1.0, (self.step_count - warm) / max(1, c.steps - warm)))
+        """Warm-up and cosine to 0.1 of the learning rate (:func:`molflow.flowmap.warmup_cosine`)."""
+        return warmup_cosine(self.step_count, self.config.steps, 0.1)
 
     # ------------------------------------------------------------------ items
     def _noised(self, n: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -258,9 +259,7 @@ class BoltzmannTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-                pe.lerp_(pm.detach(), 1.0 - c.ema_decay)
+        self.teacher.update(self.model)
         self.step_count += 1
         out = {k: float(v.detach()) for k, v in losses.items()}
         out.update(loss=float(total.detach()), grad_norm=float(gnorm), coarsest_steps=self.coarsest_steps(),

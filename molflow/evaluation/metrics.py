@@ -96,10 +96,11 @@ def wrap_angle(a) -> np.ndarray:
     return np.pi - np.mod(np.pi - a, _TWO_PI)
 
 
-def _kish_ess(w: np.ndarray) -> float:
-    s1 = w.sum()
-    s2 = (w * w).sum()
-    return float(s1 * s1 / s2) if s2 > 0 else 0.0
+def kish_ess(weights: np.ndarray) -> float:
+    """Kish's effective sample size (Σw)² / Σw² (0 for no weight)."""
+    w = np.asarray(weights, dtype=np.float64)
+    s2 = float((w * w).sum())
+    return float(w.sum() ** 2 / s2) if s2 > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------ distributions, JS
@@ -278,7 +279,7 @@ def fes_rmse_1d(a_ref, a, kT: float, bins: int = 64, weights_ref=None,
     w = _flat_weights(weights, a.size)
     ok = np.isfinite(a) & np.isfinite(w)
     return fes_rmse(_angle_histogram(a_ref, weights_ref, bins), _angle_histogram(a, weights, bins),
-                    kT, n_samples=_kish_ess(w[ok]) or None)
+                    kT, n_samples=kish_ess(w[ok]) or None)
 
 
 def fes_rmse_2d(phi_ref, psi_ref, phi, psi, kT: float, bins: int = 64, weights_ref=None,
@@ -293,7 +294,7 @@ def fes_rmse_2d(phi_ref, psi_ref, phi, psi, kT: float, bins: int = 64, weights_r
     ok = np.isfinite(phi) & np.isfinite(psi) & np.isfinite(w)
     return fes_rmse(phi_psi_histogram(phi_ref, psi_ref, weights_ref, bins),
                     phi_psi_histogram(phi, psi, weights, bins), kT,
-                    n_samples=_kish_ess(w[ok]) or None)
+                    n_samples=kish_ess(w[ok]) or None)
 
 
 # ----------------------------------------------------------------------------------------- basins

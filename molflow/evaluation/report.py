@@ -631,7 +631,7 @@ def _stationary_iid(ref: RunData, phi: np.ndarray, psi: np.ndarray, pos: np.ndar
         "basin_populations": {"reference": M.basin_populations(ref.phi, ref.psi),
                               "samples": M.basin_populations(phi, psi, w)},
         "bond_w1_nm": M.bond_length_w1(ref.structure_positions, pos, system.bonds, weights=w),
-        "n_effective": float(len(phi)) if w is None else float(M._kish_ess(w)),
+        "n_effective": float(len(phi)) if w is None else float(M.kish_ess(w)),
     }
     if ref.energies is not None and energies is not None:
         out["energy_w1_kj_mol"] = M.wasserstein_1d(ref.structure_energies, energies, weights_b=w)
@@ -692,7 +692,7 @@ def evaluate_iid(reference: str | os.PathLike, samples: str | os.PathLike, repor
         fin = np.isfinite(lw) & (weights > 0)
         q = np.log10(weights[fin] * n) if fin.any() else np.array([])
         result["weights"] = {
-            "ess": M._kish_ess(weights), "ess_fraction": M._kish_ess(weights) / n, "n_samples": n,
+            "ess": M.kish_ess(weights), "ess_fraction": M.kish_ess(weights) / n, "n_samples": n,
             "n_weight_zero": int((~fin).sum()), "max_weight": float(weights.max()) if n else None,
             "log10_n_times_weight_quantiles": {str(p): float(np.quantile(q, p)) for p in (0.01, 0.1, 0.5, 0.9, 0.99)}
             if q.size else None,

@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..flowmap import EMA, local_loss, score, semigroup_loss
+from ..flowmap import EMA, local_loss, score, semigroup_loss, warmup_cosine
 from ..evaluation.structure import rmsd
 from ..models.molecular import MapConfig
 from ..seeding import random_seed
@@ -143,12 +143,7 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, cosine decay to ``lr_min_factor`` over the planned steps, then constant;
         times ``lr_scale`` (halved by every restore)."""
-        total, floor = self.config.planned_steps, self.config.lr_min_factor
-        warm = max(1, total // 50)
-        if step < warm:
-            return self.lr_scale * (step + 1) / warm
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return self.lr_scale * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return self.lr_scale * warmup_cosine(step, self.config.planned_steps, self.config.lr_min_factor)
 
     # ------------------------------------------------------------------ jumps
     def k_max(self) -> int:

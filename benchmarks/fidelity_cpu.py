@@ -15,7 +15,9 @@ are dropped. Rows at tau = 2 x ``--tau-ps`` are the same rollouts read every sec
 jumps: two evaluations per 2 tau). Metrics against J (noise floor H against J in the same units):
 
 - bond-length and bond-angle standard deviation ratios, sampled / reference (every bond and angle);
-- kinetic temperature (K; target 300 K +- 2%; the reference's on-step velocities read ~2% cool);
+- kinetic temperature (K; target: within 2% of the reference's, like with like — both are BAOAB
+  on-step velocities at 1 fs, which read ~2.7% below the thermostat's 300 K; the distance to 300 K
+  is reported beside it);
 - potential-energy mean minus the reference's (kJ/mol) and energy W1 (kJ/mol);
 - JS(phi, psi), 1-D and 2-D free-energy RMSE (kJ/mol);
 - phi flip rate between core sets (phi_core_states, per ns, both directions summed) with the
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--levers", default="finish20:20:300,nofinish:0:300")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="reuse finished rollout files in --work")
+    ap.add_argument("--summary-into", help="a model's JSON (e.g. systems/alanine_dipeptide/flowmap.json): record the "
+                                           "first lever's one-line summary there as 'fidelity' (molflow quickstart shows it)")
     args = ap.parse_args(argv)
     import molflow
     from molflow.errors import SimulationError
@@ -157,6 +161,7 @@ def main(argv=None) -> int:
         row.update({f"{k.replace('_ratio', '_spread_ratio')}": v for k, v in
                     spread_ratios(ref.structure_positions, smp.structure_positions, system.bonds, system.angles).items()})
         row["kinetic_temperature_K"] = float(np.nanmean(smp.t_kin))
+        row["kinetic_temperature_rel_to_300K"] = row["kinetic_temperature_K"] / system.temperature_K - 1
         row.update(stationary(split.judge, smp, system))
         row["energy_mean_minus_reference_kj_mol"] = row["energy_mean_kj_mol"] - ref_all["energy_mean_kj_mol"]
         for k in (1, 2):
@@ -177,7 +182,10 @@ def main(argv=None) -> int:
         t = TARGETS
         passes = {
             "bond_angle_spreads_within_10pct": row["worst_rel"] <= t["spread_rel"],
-            "kinetic_temperature_within_2pct_of_300K": abs(row["kinetic_temperature_K"] / system.temperature_K - 1) <= t["t_kin_rel"],
+            # like with like (DESIGN.md 4): the finish's BAOAB on-step velocities against the reference's
+            # on-step ones (both read ~2.7% below the thermostat at 1 fs); the distance to 300 K is reported too
+            "kinetic_temperature_within_2pct": abs(row["kinetic_temperature_K"] / ref_all["kinetic_temperature_K"] - 1)
+            <= t["t_kin_rel"],
             "energy_mean_within_2kj": abs(row["energy_mean_minus_reference_kj_mol"]) <= t["energy_mean_kj_mol"],
             "energy_w1_within_2x_floor": row["energy_w1_kj_mol"] <= t["energy_w1_x_floor"] * floor["energy_w1_kj_mol"],
             "js_within_2x_floor": row["js_phi_psi"] <= t["js_x_floor"] * floor["js_phi_psi"],
@@ -199,7 +207,34 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(res, indent=2, default=float))
     print_table(res)
     print(f"wrote {args.out}")
+    if args.summary_into and rows and "failed" not in rows[0]:
+        meta_path = Path(args.summary_into)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta["fidelity"] = {"summary": summary(res, rows[0]), "benchmark": args.out, "command": res["command"]}
+        meta_path.write_text(json.dumps(meta, indent=2))
+        print(f"recorded in {meta_path}: {meta['fidelity']['summary']}")
     return 0
+
+
+def summary(res: dict, r: dict) -> str:
+    """One line: a lever's measured fidelity and speed against the reference, and what it misses."""
+    fl = res["reference"]["noise_floor_H_vs_J"]
+    k1 = r[f"kinetics_{r['tau_ps']:g}ps"]
+    k2 = r[f"kinetics_{2 * r['tau_ps']:g}ps"]
+    ratio = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+    misses = [k for k, v in r["targets"].items() if not v]
+    return (f"tau = {r['tau_ps']:g} ps (one evaluation per jump; {2 * r['tau_ps']:g} ps: two composed), "
+            f"{r['replicas']} replicas x {r['jumps'] * r['tau_ps'] / 1000:g} ns free-running, finish "
+            f"{r['finish_steps']} steps at {r['finish_friction_per_ps']:g}/ps, against "
+            f"{res['reference']['simulated_ns']:.3g} ns of MD: bond/angle spreads {r['bond_spread_ratio_min']:.2f}-"
+            f"{max(r['bond_spread_ratio_max'], r['angle_spread_ratio_max']):.2f}x, T_kin {r['kinetic_temperature_K']:.1f} K "
+            f"(MD {res['reference']['kinetic_temperature_K']:.1f} K, both on-step), "
+            f"energy {r['energy_mean_minus_reference_kj_mol']:+.1f} kJ/mol, JS(phi,psi) {r['js_phi_psi']:.3f} "
+            f"(floor {fl['js_phi_psi']:.3f}), 2-D FES RMSE {r['fes_rmse_phi_psi_kj_mol']:.2f} kJ/mol, phi flip rate "
+            f"{ratio(k1['flip_rate_ratio'])} / {ratio(k2['flip_rate_ratio'])}, slowest implied timescale "
+            f"{ratio(k1['implied_timescale_ratio'])} / {ratio(k2['implied_timescale_ratio'])} of MD's; "
+            f"{r['speed_x_stock_cpu']:.1f}x stock OpenMM per CPU-second. "
+            + ("Every target met." if not misses else f"Missed: {', '.join(misses)}."))
 
 
 def print_table(res: dict) -> None:

@@ -503,7 +503,7 @@ def _train_rank(ctx, args: dict[str, Any]) -> None:
 
 #: model size and batch when the user sets none, per device kind. On CPU (2 cores, one thread per
 #: process; measured, DESIGN.md 3.4 and issue 17): PaiNN 32 features / 2 layers trains at 13 steps/s
-#: with batch 16 (210 items/s) and ~12-19 steps/s with batch 32 (385-600 items/s, semigroup loss on /
+#: with batch 16 (210 items/s) and ~8-19 steps/s with batch 32 (250-600 items/s, semigroup loss on /
 #: off), 64 / 3 at 7 steps/s (110 items/s), and at equal CPU time 64 / 3 was no better (energy +439 vs
 #: +90 kJ/mol at tau = 0.2 ps after 14 vs 8 CPU-minutes). GPUs keep MapConfig's and TrainConfig's
 #: defaults (64 / 3, batch 16).

@@ -106,7 +106,8 @@ def main() -> int:
         train_s = old.get("train_wall_s")
         md_s = old.get("md_wall_s", md_s)
     meta = {"file": Path(args.out).name, "data": list(DATA), "train": {**TRAIN, "steps": args.steps},
-            "md_wall_s": md_s, "train_wall_s": train_s, "hardware": hardware_description("CPU"),
+            "md_wall_s": md_s, "train_wall_s": train_s,
+            "train_steps_per_s": args.steps / train_s if train_s else None, "hardware": hardware_description("CPU"),
             "torch": torch.__version__, "molflow": molflow.__version__, "python": platform.python_version(),
             "size_bytes": Path(args.out).stat().st_size, "rollout_probes_2ps_from_data_states": probes,
             "verdict": json.loads(ck["verdict_json"]) if "verdict_json" in ck else None,

@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-ns", type=float, default=2.0, help="per replica (default 2)")
     ap.add_argument("--burn-ps", type=float, default=20.0)
     ap.add_argument("--lag-ps", type=float, default=5.0, help="MSM lag for the implied timescale (default 5 ps)")
-    ap.add_argument("--levers", default="finish20:20:300,nofinish:0:300")
+    ap.add_argument("--levers", default="finish60:60:100,finish40:40:100,finish20:20:300,vdraw:1:1000000,nofinish:0:300",
+                    help="name:finish_steps:friction_per_ps, comma-separated (vdraw: one step at a friction so high "
+                         "that it only redraws the velocities: the map's positions with physically drawn velocities)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="reuse finished rollout files in --work")
     ap.add_argument("--summary-into", help="a model's JSON (e.g. systems/alanine_dipeptide/flowmap.json): record the "

@@ -52,10 +52,22 @@ class FinishConfig:
                 "finish_timestep_fs": float(self.timestep_fs)}
 
 
+MAX_STEPS_PER_CALL = 10
+
+
 class LangevinFinish:
     """BAOAB at high friction with the molecule's force field, on OpenMM's Reference platform
     (fastest for one small molecule here); noise supplied per call: ``(R, n_steps, A, 3)`` standard
-    normals."""
+    normals.
+
+    Merged kicks, as in the recording engine (:mod:`molflow.md.integrator`): the context's velocity
+    holds u = v + dt/2 f/m, and one BAOAB step is two per-DOF computations,
+    x <- x + dt/2 (1 + a) u + dt/2 b sqrt(kT/m) xi and u <- a u + b sqrt(kT/m) xi + dt f(x)/m
+    (a = exp(-gamma dt), b = sqrt(1 - a^2)); one half-kick opens the finish and one closes it.
+    Algebraically the BAOAB step; OpenMM's Reference ``CustomIntegrator`` costs per per-DOF
+    computation and per per-DOF variable, so the noise goes in ``MAX_STEPS_PER_CALL`` steps at a
+    time (measured 3.3 against 5.1 ms per replica for 60 steps with one variable per step).
+    """
 
     def __init__(self, system, config: FinishConfig, platform: str = "Reference"):
         import openmm
@@ -63,20 +75,24 @@ class LangevinFinish:
         self.config = config
         self.system = system
         n, dt = int(config.n_steps), config.timestep_fs / 1000.0
+        self.per_call = max(m for m in range(1, MAX_STEPS_PER_CALL + 1) if n % m == 0) if n else 1
         a = float(np.exp(-config.friction_per_ps * dt))
-        integ = openmm.CustomIntegrator(dt)
-        integ.addGlobalVariable("a", a)
-        integ.addGlobalVariable("b", float(np.sqrt(1.0 - a * a)))
-        integ.addGlobalVariable("kT", float(system.kT_kj_mol))
-        for j in range(n):
+        b = float(np.sqrt(-np.expm1(-2.0 * config.friction_per_ps * dt)))
+        integ = openmm.CustomIntegrator(dt * self.per_call)
+        for name, value in (("h", dt), ("a", a), ("b", b), ("c", 0.5 * dt * (1.0 + a)), ("bh", 0.5 * dt * b),
+                            ("kT", float(system.kT_kj_mol)), ("first", 1.0), ("last", 1.0)):
+            integ.addGlobalVariable(name, value)
+        for j in range(self.per_call):
             integ.addPerDofVariable(f"xi{j}", 0.0)
-        integ.addUpdateContextState()
-        for j in range(n):  # one call of step(1) runs all n BAOAB steps
-            integ.addComputePerDof("v", "v + 0.5*dt*f/m")
-            integ.addComputePerDof("x", "x + 0.5*dt*v")
-            integ.addComputePerDof("v", f"a*v + b*sqrt(kT/m)*xi{j}")
-            integ.addComputePerDof("x", "x + 0.5*dt*v")
-            integ.addComputePerDof("v", "v + 0.5*dt*f/m")
+        integ.beginIfBlock("first > 0")  # the opening half-kick: on-step v -> u
+        integ.addComputePerDof("v", "v + 0.5*h*f/m")
+        integ.endBlock()
+        for j in range(self.per_call):
+            integ.addComputePerDof("x", f"x + c*v + bh*sqrt(kT/m)*xi{j}")
+            integ.addComputePerDof("v", f"a*v + b*sqrt(kT/m)*xi{j} + h*f/m")
+        integ.beginIfBlock("last > 0")  # the closing half-kick: u -> on-step v
+        integ.addComputePerDof("v", "v - 0.5*h*f/m")
+        integ.endBlock()
         self.integrator = integ
         self.context = openmm.Context(system.create_system("nocutoff"), integ,
                                       openmm.Platform.getPlatformByName(platform))
@@ -90,14 +106,19 @@ class LangevinFinish:
         if self.config.n_steps == 0:
             return x, v
         xo, vo = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
+        M, calls = self.per_call, self.config.n_steps // self.per_call
+        integ = self.integrator
         for r in range(len(x)):
             if not (np.isfinite(xo[r]).all() and np.isfinite(vo[r]).all()):
                 continue
             self.context.setPositions(xo[r])
             self.context.setVelocities(vo[r])
-            for j in range(self.config.n_steps):
-                self.integrator.setPerDofVariableByName(f"xi{j}", noise[r, j])
-            self.integrator.step(1)
+            for c in range(calls):
+                for j in range(M):
+                    integ.setPerDofVariableByName(f"xi{j}", noise[r, c * M + j])
+                integ.setGlobalVariableByName("first", 1.0 if c == 0 else 0.0)
+                integ.setGlobalVariableByName("last", 1.0 if c == calls - 1 else 0.0)
+                integ.step(1)
             st = self.context.getState(getPositions=True, getVelocities=True)
             xo[r] = st.getPositions(asNumpy=True)._value
             vo[r] = st.getVelocities(asNumpy=True)._value

@@ -83,7 +83,12 @@ def main() -> int:
     ck = load_checkpoint(full)
     keep = ("model", "ema", "step", "h0_ps", "seed", "map_config_json", "train_config_json", "system_json",
             "normalisation_json", "history_json", "health_json", "verdict_json", "sample_finish_json")
-    save_checkpoint(args.out, {**{k: ck[k] for k in keep if k in ck}, "sample_finish_json": SAMPLE_FINISH})
+    # the per-step history (tens of thousands of rows) stays in model_full.pt.metrics.csv; the shipped
+    # file keeps the validation rows and the last one
+    hist = [r for r in ck.get("history_json") or [] if any(k.startswith("val_") for k in r)]
+    hist += (ck.get("history_json") or [])[-1:]
+    save_checkpoint(args.out, {**{k: ck[k] for k in keep if k in ck}, "history_json": hist,
+                               "sample_finish_json": SAMPLE_FINISH})
 
     fm = molflow.FlowMap.load(args.out, device="cpu")
     x0, v0 = start_states_from_run(files[0], 32)
@@ -117,8 +122,8 @@ def main() -> int:
             "train_steps_per_s": args.steps / train_s if train_s else None, "hardware": hardware_description("CPU"),
             "torch": torch.__version__, "molflow": molflow.__version__, "python": platform.python_version(),
             "size_bytes": Path(args.out).stat().st_size, "rollout_probes_2ps_from_data_states": probes,
-            "verdict": json.loads(ck["verdict_json"]) if "verdict_json" in ck else None,
-            "health": json.loads(ck["health_json"]) if "health_json" in ck else None,
+            "verdict": ck.get("verdict_json"),
+            "health": ck.get("health_json"),
             "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
     Path(args.out).with_suffix(".json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta, indent=2))

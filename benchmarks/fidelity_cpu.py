@@ -224,6 +224,7 @@ def summary(res: dict, r: dict) -> str:
     k1 = r[f"kinetics_{r['tau_ps']:g}ps"]
     k2 = r[f"kinetics_{2 * r['tau_ps']:g}ps"]
     ratio = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+    pop = lambda row: f"{row['basin_populations']['alpha_R']['population']:.3f}"  # noqa: E731
     misses = [k for k, v in r["targets"].items() if not v]
     return (f"tau = {r['tau_ps']:g} ps (one evaluation per jump; {2 * r['tau_ps']:g} ps: two composed), "
             f"{r['replicas']} replicas x {r['jumps'] * r['tau_ps'] / 1000:g} ns free-running, finish "
@@ -232,7 +233,7 @@ def summary(res: dict, r: dict) -> str:
             f"{max(r['bond_spread_ratio_max'], r['angle_spread_ratio_max']):.2f}x, T_kin {r['kinetic_temperature_K']:.1f} K "
             f"(MD {res['reference']['kinetic_temperature_K']:.1f} K, both on-step), "
             f"energy {r['energy_mean_minus_reference_kj_mol']:+.1f} kJ/mol, JS(phi,psi) {r['js_phi_psi']:.3f} "
-            f"(floor {fl['js_phi_psi']:.3f}), 2-D FES RMSE {r['fes_rmse_phi_psi_kj_mol']:.2f} kJ/mol, phi flip rate "
+            f"(floor {fl['js_phi_psi']:.3f}), alpha_R population {pop(r)} (MD held-out half {pop(fl)}), 2-D FES RMSE {r['fes_rmse_phi_psi_kj_mol']:.2f} kJ/mol, phi flip rate "
             f"{ratio(k1['flip_rate_ratio'])} / {ratio(k2['flip_rate_ratio'])}, slowest implied timescale "
             f"{ratio(k1['implied_timescale_ratio'])} / {ratio(k2['implied_timescale_ratio'])} of MD's; "
             f"{r['speed_x_stock_cpu']:.1f}x stock OpenMM per CPU-second. "

@@ -100,6 +100,23 @@ def _features(x, v, x_ref, tau, v_th):
 
 
 
+def _torsion_step_spread(x0: torch.Tensor, xt: torch.Tensor, x1: torch.Tensor, system: MolecularSystem,
+                         key: str) -> dict[str, float]:
+    """How wide the map's one-jump change of the backbone torsions is against the recorded one: std over
+    the items of the wrapped change phi(x_t) - phi(x_0), sampled / recorded (likewise psi). Near 1 for a
+    map whose slow conditional law has the right spread; measured 0.2 for psi on the first tau_max
+    0.5 ps map, which then drifted out of alpha_R when free-running (README, issue 17)."""
+    from ..evaluation.dihedrals import phi_psi
+
+    a0, at, a1 = (phi_psi(a.detach().cpu().numpy().astype(np.float64), system) for a in (x0, xt, x1))
+    out = {}
+    for i, name in enumerate(("phi", "psi")):
+        d_map = np.angle(np.exp(1j * (at[i] - a0[i])))
+        d_md = np.angle(np.exp(1j * (a1[i] - a0[i])))
+        out[f"val_{name}_step_std_ratio_{key}"] = float(d_map.std() / max(float(d_md.std()), 1e-9))
+    return out
+
+
 class Trainer:
     """Holds model, EMA teacher, optimiser, data and RNG state; steps and checkpoints."""
 
@@ -389,6 +406,7 @@ class Trainer:
                     # spread of each bond length over the held-out items, sampled / recorded (mean over bonds)
                     bl = lambda x: (x[:, bonds[:, 0]] - x[:, bonds[:, 1]]).norm(dim=-1).std(0)  # noqa: E731
                     out[f"val_bond_std_ratio_{key}"] = float((bl(xt) / bl(b["x1"]).clamp_min(1e-9)).mean())
+                    out.update(_torsion_step_spread(b["x0"], xt, b["x1"], self.system, key))
         return out
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ import molflow
 from molflow.md.engine import (GPU_PLATFORMS, Group, GroupStart, RunSpec, available_platforms, cpu_description,
                                hardware_description, minimise, plan_layout, resolve_platform)
 from molflow.md.multicopy import default_cutoff_nm
-from molflow.md.stock import stock_context, time_call
+from molflow.md.stock import stock_context, stock_speed, time_call
 from molflow.systems import load_system
 
 SIZES = {  # replicas -> simulated ps per replica (enough chunks for a steady-state rate)
@@ -73,13 +73,8 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
     x0 = minimise(mol)
     K = int(round(frame_fs / mol.timestep_fs))
     # stock OpenMM on its best CPU platform (one thread), chosen by measurement
-    candidates = [p for p in ("Reference", "CPU") if p in available_platforms()]
-    trial = {}
-    for p in candidates:
-        ctx, integ = stock_context(mol, x0, p, seed=7)
-        trial[p] = min(time_call(lambda: integ.step(500))[0] for _ in range(3)) / 500 * 1e6
-        del ctx, integ
-    stock_platform = min(trial, key=trial.get)
+    trial_run = stock_speed(mol, steps=500, x0=x0)
+    trial, stock_platform = trial_run["us_per_step_by_platform"], trial_run["platform"]
     s_ctx, s_integ = stock_context(mol, x0, stock_platform, seed=7)
 
     def stock_frames():

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint (same schedule; "
                                                             "a larger --steps extends the run)")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing --out checkpoint")
+    p.add_argument("--init-from", metavar="MODEL.pt", help="fine-tune: start from this checkpoint's weights and "
+                                                          "architecture with a fresh optimiser and schedule")
     p.add_argument("--config", help="YAML file of hyperparameters (batch_size, lr, objective, n_features, n_layers, "
                                     "...); sizes not set: on CPU 32 features, 2 layers, batch 32 (measured to fit 2 "
                                     "cores), on a GPU 64 features, 3 layers, batch 16")
@@ -341,7 +343,7 @@ def _train(args) -> int:
     out = train(args.system, data=args.data, out=args.out, tau_max_ps=args.tau_max_ps,
                 n_coefficients=args.coefficients, steps=args.steps, device=args.device, seed=args.seed,
                 resume=args.resume, overwrite=args.overwrite, config=config, progress=not args.quiet,
-                devices=args.devices)
+                devices=args.devices, init_from=args.init_from)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks
         print(f"wrote {out} (metrics: {out}.metrics.csv)")
     return 0

@@ -138,3 +138,35 @@ def test_cpu_training_picks_the_machine_sized_defaults(data20fs, tmp_path):
     ck = torch.load(tmp_path / "b.pt", weights_only=True)
     m, t = json.loads(ck["map_config_json"]), json.loads(ck["train_config_json"])
     assert (m["n_features"], m["n_layers"], t["batch_size"]) == (16, 2, 8)
+
+
+def test_fine_tuning_starts_from_the_checkpoint(data20fs, tmp_path):
+    """``init_from``: the fine-tune's first state is the base checkpoint's weights and architecture (a
+    one-step fine-tune at learning rate 0 writes them back unchanged), its own settings are recorded,
+    and a training step moves them; a checkpoint
+    for another system or a missing file is refused."""
+    import json
+
+    quiet = dict(validate_every=10_000, checkpoint_every=10_000, verdict_replicas=0, batch_size=4)
+    base = tmp_path / "base.pt"
+    train("alanine_dipeptide", [str(data20fs)], base, tau_max_ps=0.04, steps=3, seed=1, device="cpu",
+          config=quiet, n_features=16, n_layers=1, progress=False)
+    tuned = tmp_path / "tuned.pt"
+    train("alanine_dipeptide", [str(data20fs)], tuned, tau_max_ps=0.04, steps=1, seed=2, device="cpu",
+          config={**quiet, "torsion_weight": 4.0, "lr": 0.0}, init_from=base, progress=False)
+    a, b = torch.load(base, weights_only=True), torch.load(tuned, weights_only=True)
+    k = int(a["ema_updates"])  # the teacher continues the base's EMA (flowmap.EMA with warm-up)
+    d = min(0.995, (1.0 + k) / (10.0 + k))
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0)
+        torch.testing.assert_close(b["ema"][key], d * a["ema"][key] + (1 - d) * a["model"][key], atol=1e-6, rtol=1e-5)
+    cfg = json.loads(b["train_config_json"])
+    assert cfg["torsion_weight"] == 4.0 and cfg["init_from"] == str(base)
+    assert json.loads(b["map_config_json"])["n_features"] == 16
+    train("alanine_dipeptide", [str(data20fs)], tuned, tau_max_ps=0.04, steps=2, seed=2, device="cpu",
+          config={**quiet, "torsion_weight": 4.0}, init_from=base, overwrite=True, progress=False)
+    c = torch.load(tuned, weights_only=True)
+    assert c["step"] == 2 and any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    with pytest.raises(InputError, match="no such checkpoint"):
+        train("alanine_dipeptide", [str(data20fs)], tmp_path / "x.pt", steps=1, init_from=tmp_path / "none.pt",
+              progress=False)

@@ -39,7 +39,7 @@ variable); the expressions themselves cost almost nothing. So:
   updates each accumulator once per call with M terms: N/M accumulator computations per step
   instead of N. The step size OpenMM sees is M·dt, so the context's time stays right.
 
-With N = 3 this is 3 + 3/M per-DOF computations per step instead of 9 (and no
+With N = 3 this is 3 + 3/M per-DOF computations per step instead of 9 (3.3 at M = 10) (and no
 ``UpdateContextState``: the systems have no barostat, thermostat force or CMMotionRemover).
 The global ``kstep`` counts steps within the frame (0, M, 2M, ...) and wraps at K; the
 accumulators restart when a call begins at ``kstep == 0``: read them after each full frame.
@@ -51,12 +51,14 @@ import numpy as np
 from ..brownian import legendre_step_weights
 from ..units import BOLTZMANN_KJ_MOL_K
 
-#: the largest number of physical steps per integrator call (see the module docstring; measured
-#: flat between 3 and 6 for N = 3 on the Reference platform, more substeps add per-DOF variables)
-MAX_SUBSTEPS = 5
+#: the largest number of physical steps per integrator call (see the module docstring). Measured with
+#: ``benchmarks/md_throughput.py --compare-only --frame-fs 100 --rounds 9`` (Reference platform, one
+#: replica, N = 3, stock/this per core): 0.789 at 5, 0.806 at 10 (N = 8: 0.714 vs 0.733); flat
+#: between 3 and 6 in an earlier scan: more substeps add per-DOF variables but fewer accumulator updates
+MAX_SUBSTEPS = 10
 #: names this integrator's program and state convention (the context's velocities are half-kicked
 #: u = v + dt/2 f/m); recorded in run files: an OpenMM checkpoint is only reused by the same program
-INTEGRATOR_ID = "molflow-baoab-merged-kicks-2"
+INTEGRATOR_ID = "molflow-baoab-merged-kicks-3"
 
 
 def choose_substeps(steps_per_frame: int, other_steps: int = 0) -> int:

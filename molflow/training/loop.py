@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     objective: str = "whitened_crps"  # "whitened_crps" | "energy" | "mse" (training/objective.py)
     crps_weight: float = 1.0  # weight of the per-coordinate CRPS in "whitened_crps"
+    torsion_weight: float = 0.0  # weight of the backbone phi/psi CRPS in "whitened_crps" (objective.py)
     input_noise_nm: float = 0.01  # std of Gaussian noise on the start positions of recorded jumps (issue #10)
     n_latent_samples: int = 2  # m, latent draws per item for the energy score
     tau_max_ps: float = 1.0
@@ -75,6 +76,7 @@ class TrainConfig:
     verdict_jumps: int = 20  # jumps of tau_max each
     finish_steps: int = 20  # the physical finish recommended to samplers of this map (molflow.finish; 0: none)
     finish_friction_per_ps: float = 300.0
+    init_from: str = ""  # fine-tuning: the checkpoint whose model and EMA weights this run started from
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -148,7 +150,9 @@ class Trainer:
         self.scorer = None
         if config.objective == "whitened_crps":  # spreads from (at most 20000) training frames
             x = data.training_positions(20000)
-            self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight)
+            d = system.dihedral_indices() if config.torsion_weight else {"phi": [], "psi": []}
+            quads = np.asarray([*d["phi"], *d["psi"]], dtype=np.int64).reshape(-1, 4)
+            self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight, quads, config.torsion_weight)
 
     @property
     def ema(self) -> torch.nn.Module:
@@ -467,8 +471,12 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
           tau_max_ps: float = 1.0, n_coefficients: int | None = 3, steps: int | None = None,
           device: str = "auto", seed: int | None = None, resume: bool = False, overwrite: bool = False,
           config: TrainConfig | dict | None = None, progress: bool = True, devices: int = 1,
-          **map_settings: Any) -> Path:
+          init_from: str | os.PathLike | None = None, **map_settings: Any) -> Path:
     """Train a flow map on reference runs; writes the checkpoint ``out`` and ``out``.metrics.csv.
+
+    ``init_from``: fine-tune — start from that checkpoint's model and EMA-teacher weights (and its
+    architecture) with a fresh optimiser and this run's schedule and settings (e.g. another
+    objective weight); the system must be the same.
 
     An existing ``out`` is refused unless ``resume=True`` (continue it: the same LR schedule and
     curriculum; a larger ``steps`` extends the run past its planned schedule at the final LR) or
@@ -491,8 +499,11 @@ def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | o
     launched = distributed.torchrun_world()
     if out.exists() and not (resume or overwrite):
         raise InputError(f"{out} exists: pass --resume to continue that training run or --overwrite to replace it")
+    if init_from is not None and not Path(init_from).is_file():
+        raise InputError(f"--init-from {init_from}: no such checkpoint")
     args = dict(system=system, data=data, out=out, tau_max_ps=tau_max_ps, n_coefficients=n_coefficients,
-                steps=steps, seed=seed, resume=resume, config=config, progress=progress, map_settings=map_settings)
+                steps=steps, seed=seed, resume=resume, config=config, progress=progress, map_settings=map_settings,
+                init_from=init_from)
     if launched is not None:
         rank, world, local = launched
         if n not in (1, world):
@@ -528,7 +539,7 @@ def machine_defaults(device: torch.device | str) -> dict[str, Any]:
 
 
 def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, device: torch.device, seed,
-           resume: bool, config, progress: bool, map_settings: dict[str, Any]) -> Path:
+           resume: bool, config, progress: bool, map_settings: dict[str, Any], init_from=None) -> Path:
     """The training run of one process; ``ctx`` (a distributed.Context) or None for a single one."""
     from tqdm.auto import tqdm
 
@@ -566,7 +577,23 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         if ctx is not None:  # under torchrun each rank may have drawn its own: rank 0's wins
             seed = ctx.broadcast_object(seed)
         cfg = dataclasses.replace(cfg, schedule_steps=cfg.planned_steps)
+        base = None
+        if init_from is not None:  # fine-tuning: the architecture and weights of that checkpoint
+            base = load_checkpoint(init_from, map_location=dev)
+            if base["system_json"]["fingerprint"] != mol.fingerprint:
+                raise InputError(f"cannot fine-tune {init_from}: it was trained for another system "
+                                 f"({base['system_json']['name']!r})")
+            map_cfg = MapConfig.from_dict(base["map_config_json"])
+            if map_cfg.n_coefficients != frames.n_coefficients:
+                raise InputError(f"{init_from} takes N = {map_cfg.n_coefficients} path coefficients, "
+                                 f"the data give {frames.n_coefficients}")
+            cfg = dataclasses.replace(cfg, init_from=str(init_from))
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
+        if base is not None:
+            trainer.model.load_state_dict(base["model"])
+            trainer.ema.load_state_dict(base["ema"])
+            trainer.teacher.n_updates = int(base.get("ema_updates", base["step"]))  # a trained teacher
+            trainer.semigroup_on = bool((base.get("health_json") or {}).get("semigroup_on", True))
     shards = distributed.distribute(trainer, ctx) if ctx is not None else None
     if progress and main:
         n_par = sum(p.numel() for p in trainer.model.parameters())

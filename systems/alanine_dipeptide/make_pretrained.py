@@ -1,15 +1,19 @@
 """Make the pretrained alanine-dipeptide flow map shipped with molflow (``flowmap.pt`` beside this file).
 
-    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--resume]
+    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--finetune-steps 3500] [--resume]
 
 Records the training data with ``molflow.simulate`` (two runs, 16 + 48 replicas x 100 ps = 6.4 ns,
 20 fs frames, N = 3 path coefficients, fixed seeds; reused when ``DIR`` already holds them), trains
-the map with ``molflow.train`` at tau_max = 0.5 ps (settings below, all recorded in the checkpoint;
-checkpointed every 500 steps, ``--resume`` continues the same schedule after an interruption),
-strips the optimiser state (the file only needs to sample), measures short free-running rollouts
-with the recommended physical finish and writes ``flowmap.json`` with the settings, timings,
-hardware and those measurements. Budget: at most 2 hours of wall clock on 2 CPU cores (the data
-take about 13 minutes of one core each with 2 workers, the training about 90 minutes on one thread).
+the map with ``molflow.train`` at tau_max = 0.5 ps in two phases (settings below, all recorded in
+the checkpoints; checkpointed every 500 steps, ``--resume`` continues the same schedule after an
+interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 a fine-tune of phase 1
+(``init_from``) with the backbone phi/psi CRPS weighted in (``torsion_weight``), which widens the
+map's one-jump law of the slow torsions towards MD's (phase 1 alone kept it 5x too narrow for psi
+at 0.5 ps and free-running rollouts drained alpha_R; README, issue 17). It then strips the
+optimiser state (the file only needs to sample), measures short free-running rollouts with the
+recommended physical finish and writes ``flowmap.json`` with the settings, timings, hardware and
+those measurements. Budget: at most 2 hours of wall clock on 2 CPU cores (the data take about 13
+minutes of one core each with 2 workers, phase 1 about 109 minutes and phase 2 about 9 on one thread).
 ``molflow quickstart`` samples with this map; ``benchmarks/fidelity_cpu.py`` measures it.
 """
 from __future__ import annotations
@@ -35,6 +39,15 @@ TRAIN = dict(tau_max_ps=0.5, seed=7, n_features=32, n_layers=2, base="identity",
              config={"batch_size": 32, "objective": "whitened_crps", "input_noise_nm": 0.003,
                      "validate_every": 5000, "checkpoint_every": 500, "finish_steps": 20,
                      "finish_friction_per_ps": 300.0})
+# Phase 2 (fine-tune of phase 1): the backbone torsions' own CRPS at weight 8, a fresh schedule at
+# lr 3e-4, every jump up to tau_max from the start. Chosen on 2000-step probes from phase 1: held-out
+# one-jump psi spread map/MD at 0.5 ps 0.19 before; 0.48 / 0.63 / 0.76 at weight 2 / 8 / 32; in
+# free-running rollouts (fidelity_cpu.py, 32 x 0.8 ns, finish 60 @ 100/ps) weight 8 gave alpha_R
+# 0.14 and alpha_L 0.03 (MD 0.41, 0.002), weight 32 alpha_R 0.05 and alpha_L 0.21, energy +7.7 kJ/mol.
+FINETUNE = dict(tau_max_ps=0.5, seed=11,
+                config={**TRAIN["config"], "torsion_weight": 8.0, "lr": 3e-4, "curriculum_fraction": 0.0,
+                        "validate_every": 1000, "validation_items": 256, "finish_steps": 60,
+                        "finish_friction_per_ps": 100.0})
 PROBE_TAUS = (0.1, 0.5)
 # The finish recommended to samplers of the shipped map (sample_finish in the checkpoint): chosen by
 # measurement on this map at tau = 0.5 ps (benchmarks/fidelity_cpu.py levers; README): 60 steps of
@@ -52,13 +65,14 @@ def main() -> int:
     from molflow.units import kinetic_temperature
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=45000, help="optimiser steps (default 45000)")
+    ap.add_argument("--steps", type=int, default=45000, help="phase-1 optimiser steps (default 45000)")
+    ap.add_argument("--finetune-steps", type=int, default=3500, help="phase-2 optimiser steps (default 3500; 0: none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", required=True, help="folder for the training data and the full checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted training run in --work")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(HERE / "flowmap.pt"))
-    ap.add_argument("--reuse", action="store_true", help="reuse a finished training run in --work")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished training runs (either phase) in --work")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -80,7 +94,15 @@ def main() -> int:
         molflow.train("alanine_dipeptide", data=files, out=full, steps=args.steps, device=args.device,
                       progress=not args.quiet, resume=args.resume and full.exists(), **TRAIN)
         train_s = time.perf_counter() - t0
-    ck = load_checkpoint(full)
+    tuned, tune_s = work / "model_tuned.pt", None
+    if args.finetune_steps and not (args.reuse and tuned.exists()):
+        t0 = time.perf_counter()
+        resume = args.resume and tuned.exists()
+        molflow.train("alanine_dipeptide", data=files, out=tuned, steps=args.finetune_steps, device=args.device,
+                      progress=not args.quiet, resume=resume, overwrite=not resume,
+                      init_from=None if resume else full, **FINETUNE)
+        tune_s = time.perf_counter() - t0
+    ck = load_checkpoint(tuned if args.finetune_steps else full)
     keep = ("model", "ema", "step", "h0_ps", "seed", "map_config_json", "train_config_json", "system_json",
             "normalisation_json", "history_json", "health_json", "verdict_json", "sample_finish_json")
     # the per-step history (tens of thousands of rows) stays in model_full.pt.metrics.csv; the shipped
@@ -116,10 +138,14 @@ def main() -> int:
         old = json.loads(previous.read_text())
         train_s = old.get("train_wall_s")
         md_s = old.get("md_wall_s", md_s)
+    if tune_s is None and previous.exists() and args.finetune_steps:
+        tune_s = json.loads(previous.read_text()).get("finetune_wall_s")
     meta = {"file": Path(args.out).name, "data": list(DATA), "train": {**TRAIN, "steps": args.steps},
             "sample_finish": SAMPLE_FINISH,
+            "finetune": {**FINETUNE, "steps": args.finetune_steps, "init_from": "phase 1 (model_full.pt)"},
             "md_wall_s": md_s, "train_wall_s": train_s,
-            "train_steps_per_s": args.steps / train_s if train_s else None, "hardware": hardware_description("CPU"),
+            "train_steps_per_s": args.steps / train_s if train_s else None, "finetune_wall_s": tune_s,
+            "total_training_wall_s": (train_s or 0) + (tune_s or 0) if train_s else None, "hardware": hardware_description("CPU"),
             "torch": torch.__version__, "molflow": molflow.__version__, "python": platform.python_version(),
             "size_bytes": Path(args.out).stat().st_size, "rollout_probes_2ps_from_data_states": probes,
             "verdict": ck.get("verdict_json"),

@@ -110,14 +110,19 @@ def network_costs(system, n_features: int, n_layers: int, device: torch.device) 
     return rows
 
 
-def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, device: str, label: str) -> list[dict]:
+def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, device: str, label: str,
+                   steps=STEPS, anneal=None) -> list[dict]:
     bs = molflow.BoltzmannSampler.load(model_path, device=device)
     rows = []
-    for K in STEPS:
+    kinds = [("unweighted", z["n_unweighted"], False, None), ("reweighted", z["n_weighted"], True, None)]
+    if anneal is not None:  # the same map samples (same seed), then the exact annealed finish
+        kinds.append(("annealed", z["n_weighted"], True, anneal))
+    for K in steps:
         row = {"model": label, "steps": K}
-        for kind, n, rew in (("unweighted", z["n_unweighted"], False), ("reweighted", z["n_weighted"], True)):
+        for kind, n, rew, ann in kinds:
             conf = work / f"conf_{label}_{K}_{kind}.h5"
-            res = bs.sample(n, steps=K, seed=100 + K, reweight=rew, out=conf, overwrite=True, progress=True)
+            res = bs.sample(n, steps=K, seed=100 + K, reweight=rew, out=conf, overwrite=True, progress=True,
+                            anneal=ann)
             a = res["attrs"]
             m = molflow.evaluate(reference, conf, work / f"report_{label}_{K}_{kind}", progress=False)
             s = m["stationary"]
@@ -142,6 +147,8 @@ def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, devic
                     n_inverse_not_converged=a["n_inverse_not_converged"], n_singular_jacobian=a["n_singular_jacobian"],
                     max_weight=a["max_weight"], n_weight_zero=a["n_weight_zero"],
                     n_wrong_chirality=a["n_wrong_chirality"], effective_samples_per_s=a["ess"] / a["wall_clock_s"],
+                    anneal=json.loads(a["anneal_json"]) if "anneal_json" in a else None,
+                    ess_fraction_map=a.get("ess_fraction_map"), wall_clock_anneal_s=a.get("wall_clock_anneal_s"),
                     weighted={"js_phi_psi": sw.get("js_phi_psi"),
                               "fes_rmse_kj_mol_2d": (sw.get("fes_rmse_kj_mol") or {}).get("phi_psi"),
                               "energy_w1_kj_mol": sw.get("energy_w1_kj_mol"),
@@ -157,8 +164,34 @@ def evaluate_steps(model_path: Path, reference: Path, work: Path, z: dict, devic
         u, r = row["unweighted"], row["reweighted"]
         print(f"  K={K:2d} JS {u['js_phi_psi']:.3f} (MD equal cost {_g(u['equal_cost_md'], 'js_phi_psi')}) "
               f"| ESS/N {r['ess_fraction']:.3g} inv.fail {r['n_invertibility_failures']} "
-              f"| {u['samples_per_s']:.3g} conf/s, {r['samples_per_s']:.3g} weighted conf/s", flush=True)
+              + (f"| annealed ESS/N {row['annealed']['ess_fraction']:.3g} " if "annealed" in row else "")
+              + f"| {u['samples_per_s']:.3g} conf/s, {r['samples_per_s']:.3g} weighted conf/s", flush=True)
     return rows
+
+
+def md_effective_rate(reference: Path, system) -> dict:
+    """MD's figure beside the sampler's (issue 19): effective independent samples of phi and of psi per
+    CPU-second of stock OpenMM = (1 / (2 tau_int)) per simulated ps x stock ps per CPU-second, tau_int
+    from the reference run's replica-averaged circular ACF (Sokal window; metrics.effective_sample_size's
+    convention: N dt / (2 tau) samples), stock OpenMM timed here (molflow.md.stock.stock_speed)."""
+    from molflow.evaluation.dihedrals import phi_psi
+    from molflow.evaluation.metrics import autocorrelation, integrated_autocorrelation_time
+    from molflow.md.stock import stock_speed
+
+    with molflow.Trajectory(reference) as t:
+        dt_ps = float(t.frame_interval_ps)
+        x = np.asarray(t.positions[:], dtype=np.float64)
+    phi, psi = phi_psi(x, system)
+    stock = stock_speed(system)
+    ps_per_cpu_s = stock["ns_per_cpu_s"] * 1000.0
+    out = {"reference": str(reference), "frame_ps": dt_ps, "simulated_ns": float(phi.size * dt_ps / 1000.0),
+           "stock_openmm": stock}
+    for name, a in (("phi", phi), ("psi", psi)):
+        max_lag = min(a.shape[1] - 1, int(round(20000.0 / dt_ps)))  # up to 20 ns
+        tau = integrated_autocorrelation_time(autocorrelation(a, max_lag), dt_ps)
+        out[f"tau_int_{name}_ps"] = tau
+        out[f"effective_samples_{name}_per_cpu_s"] = ps_per_cpu_s / (2.0 * tau) if tau else None
+    return out
 
 
 def _md_row(row: dict) -> dict | None:
@@ -190,9 +223,25 @@ def main() -> int:
     ap.add_argument("--model", help="reuse this trained checkpoint")
     ap.add_argument("--compare-networks", action="store_true", help="also train and evaluate networks = 2")
     ap.add_argument("--work", default="benchmark-boltzmann")
+    ap.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="map step counts (default 1 2 4 10)")
+    ap.add_argument("--n-weighted", type=int, help="weighted samples per step count (default: the size's)")
+    ap.add_argument("--anneal", type=int, default=0, metavar="J",
+                    help="also the exact annealed finish with J temperatures (molflow.boltzmann.anneal)")
+    ap.add_argument("--anneal-beta-start", type=float, default=0.25)
+    ap.add_argument("--anneal-moves", type=int, default=1)
+    ap.add_argument("--anneal-step-fs", type=float, default=1.0)
+    ap.add_argument("--anneal-tempered", choices=("bonded", "all"), default="bonded")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     z = dict(SIZES[args.size])
+    if args.n_weighted:
+        z["n_weighted"] = args.n_weighted
+    anneal = None
+    if args.anneal:
+        from molflow.boltzmann.anneal import AnnealSettings
+
+        anneal = AnnealSettings(args.anneal, args.anneal_beta_start, args.anneal_moves, 10, args.anneal_step_fs / 1000.0,
+                                args.anneal_tempered)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -238,8 +287,14 @@ def main() -> int:
                                               for k in ("dsm", "local", "semigroup") if any(k in h for h in hist[-50:])}}
         print(f"{label}: trained {train_info[label]}", flush=True)
         t0 = time.perf_counter()
-        results += evaluate_steps(path, ref, work, z, str(dev), label)
+        results += evaluate_steps(path, ref, work, z, str(dev), label, args.steps, anneal)
         timings[f"sampling_evaluation_{label}_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    md_rate = md_effective_rate(ref, system)
+    timings["md_effective_rate_s"] = time.perf_counter() - t0
+    print(f"MD: tau_int phi {md_rate['tau_int_phi_ps']} ps, psi {md_rate['tau_int_psi_ps']} ps; effective samples per "
+          f"CPU-s of stock OpenMM: phi {md_rate['effective_samples_phi_per_cpu_s']}, "
+          f"psi {md_rate['effective_samples_psi_per_cpu_s']}", flush=True)
     timings["total_s"] = time.perf_counter() - t_all
     print(f"\n{'model':10s} {'K':>3s} {'JS unw':>7s} {'JS w':>7s} {'FES2d unw':>9s} {'FES2d w':>8s} {'JS MD eq':>8s} "
           f"{'ESS/N':>8s} {'invfail':>7s} {'conf/s':>8s} {'w.conf/s':>8s}")
@@ -254,14 +309,14 @@ def main() -> int:
 
     result = {
         "benchmark": "boltzmann", "size": args.size, "system": "alanine_dipeptide",
-        "settings": {**z, "steps": list(STEPS), "etas": list(ETAS), "device": str(dev), "platform": args.platform,
+        "settings": {**z, "steps": list(args.steps), "anneal": None if anneal is None else vars(anneal), "etas": list(ETAS), "device": str(dev), "platform": args.platform,
                      "train_data": str(train), "reference": str(ref), "torch_threads": torch.get_num_threads(),
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "hardware": {"sampler": device_description(dev),
                      "reference_md": _attr(ref, "hardware")},
         "versions": {"molflow": molflow.__version__, "torch": torch.__version__, "openmm": openmm.__version__,
                      "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version()},
-        "training": train_info, "eta_scan": scan, "network_costs": costs, "results": results, "timings_s": timings,
+        "training": train_info, "md_effective_rate": md_rate, "eta_scan": scan, "network_costs": costs, "results": results, "timings_s": timings,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))

@@ -8,7 +8,10 @@
    no finish); std of the wrapped change of phi and psi, map / recorded.
 2. Basin changes per jump at ``--tau-ps``: data states every 2 ps (after the first 10 ps) of every
    replica, one jump of the map with its recommended finish, against the recorded frame tau later:
-   the fraction of starts in beta / alpha_R that end in the other basin.
+   the fraction of starts in beta / alpha_R that end in the other basin; and from the same starts
+   (fresh path coefficients, as free-running sampling draws them) the spread of the phi / psi change
+   with the finish and without it, map / recorded: the finish undoes whatever part of a torsion
+   change the map made by straining the atoms that define it.
 """
 from __future__ import annotations
 
@@ -69,12 +72,21 @@ def main(argv=None) -> int:
         changes[f"{name}_starts"] = int(sel.sum())
         changes[f"{name}_to_{names[other]}_md"] = float((b1[sel] == other).mean()) if sel.any() else None
         changes[f"{name}_to_{names[other]}_map"] = float((bm[sel] == other).mean()) if sel.any() else None
+    from molflow.evaluation.metrics import wrap_angle
+
+    a0, a1 = np.array(phi_psi(x, s)), np.array(phi_psi(x1, s))
+    free = {}
+    for label, o in (("finish", out), ("no_finish", fm.sample((x, v), n_jumps=1, tau_ps=args.tau_ps, seed=3, finish=0))):
+        am = np.array(phi_psi(o["positions"][:, 1].astype(np.float64), s))
+        for i, name in enumerate(("phi", "psi")):
+            free[f"{name}_step_std_ratio_{label}"] = float(wrap_angle(am[i] - a0[i]).std() / wrap_angle(a1[i] - a0[i]).std())
     res = {"benchmark": "one_jump_torsions", "model": args.model, "data": args.data, "settings": vars(args),
            "torsion_step_std_ratio": spread, "basin_changes_per_jump": changes,
-           "finish": fm.default_finish().to_attrs(), "hardware": cpu_description(), "torch": torch.__version__,
+           "free_running_step_std_ratio": free, "finish": fm.default_finish().to_attrs(), "hardware": cpu_description(), "torch": torch.__version__,
            "python": platform.python_version(), "molflow": molflow.__version__}
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({"torsion_step_std_ratio": spread, "basin_changes_per_jump": changes}, indent=1))
+    print(json.dumps({"torsion_step_std_ratio": spread, "basin_changes_per_jump": changes,
+                      "free_running_step_std_ratio": free}, indent=1))
     return 0
 
 

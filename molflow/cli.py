@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anneal-moves", type=int, default=1, help="HMC moves per target (default 1)")
     p.add_argument("--anneal-step-fs", type=float, default=1.0, help="HMC leapfrog time step, fs (default 1)")
     p.add_argument("--anneal-leapfrog", type=int, default=10, help="leapfrog steps per HMC move (default 10)")
+    p.add_argument("--anneal-tempered", choices=("bonded", "all"), default="bonded",
+                   help="energy terms the finish tempers: bonds and angles (default) or all")
 
     p = sub.add_parser("info", help="what a run file or checkpoint holds")
     p.add_argument("file", help="a molflow HDF5 file")
@@ -457,7 +459,7 @@ def _sample_boltzmann(args) -> int:
         if not 0 < args.anneal_beta_start <= 1:
             raise InputError("--anneal-beta-start must be in (0, 1]")
         anneal = AnnealSettings(args.anneal, args.anneal_beta_start, args.anneal_moves, args.anneal_leapfrog,
-                                args.anneal_step_fs / 1000.0)
+                                args.anneal_step_fs / 1000.0, args.anneal_tempered)
     res = bs.sample(args.n, steps=args.steps, seed=seed, reweight=args.reweight, out=args.out,
                     overwrite=args.overwrite, batch_size=args.batch_size, progress=not args.quiet, anneal=anneal)
     if not args.quiet:

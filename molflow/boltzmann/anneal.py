@@ -41,13 +41,14 @@ class AnnealSettings:
     """The finish: ``n_temperatures`` tempered targets from ``beta_start`` to 1 (geometric in beta;
     0 temperatures: no finish), ``n_moves`` HMC moves per target, each ``leapfrog_steps`` leapfrog
     steps of ``step_size`` (in the units of ``inv_mass``: ps for molecules), the step scaled by
-    beta^-1/2 at hotter targets."""
+    beta^-1/2 at hotter targets. ``tempered`` says which energy terms V a molecular finish tempers."""
 
     n_temperatures: int = 0
     beta_start: float = 1.0
     n_moves: int = 1
     leapfrog_steps: int = 10
     step_size: float = 0.1
+    tempered: str = "bonded"  # on a molecule (MolecularEnergy): "bonded" (bonds, angles) or "all" terms
 
     def betas(self) -> np.ndarray:
         """beta_0 .. beta_J (J = n_temperatures; beta_J = 1)."""
@@ -144,14 +145,19 @@ STIFF_FORCES = ("HarmonicBondForce", "HarmonicAngleForce")
 
 class MolecularEnergy:
     """``energy_fn`` for :func:`anneal` on a molecule: flat centred positions (B, 3A) nm ->
-    (U/kT, grad U/kT, V/kT, grad V/kT) with V the :data:`STIFF_FORCES` terms, from an OpenMM
+    (U/kT, grad U/kT, V/kT, grad V/kT) with V the :data:`STIFF_FORCES` terms (``tempered="bonded"``)
+    or V = U (``"all"``), from an OpenMM
     single-molecule NoCutoff context (the reference energy; one sample at a time). ``inv_mass`` is
     kT/m per coordinate, so a leapfrog step is a time step in ps (momenta in units of kT·ps/nm).
     The default platform is Reference: double precision keeps HMC's energy differences, and with
     them the Metropolis test, exact (single-precision forces fail a finite-difference check)."""
 
-    def __init__(self, system, platform: str = "Reference"):
+    def __init__(self, system, platform: str = "Reference", tempered: str = "bonded"):
         import openmm
+
+        if tempered not in ("bonded", "all"):
+            raise ValueError(f"tempered must be 'bonded' or 'all', not {tempered!r}")
+        self.tempered = tempered
 
         from ..md.engine import platform_object, platform_properties
 
@@ -178,6 +184,11 @@ class MolecularEnergy:
             if not np.isfinite(xi).all():
                 continue
             self._ctx.setPositions(xi)
+            if self.tempered == "all":
+                st = self._ctx.getState(getEnergy=True, getForces=True)
+                u[i] = v[i] = st.getPotentialEnergy()._value / self.kT
+                gu[i] = gv[i] = -np.asarray(st.getForces(asNumpy=True)._value).ravel() / self.kT
+                continue
             for group, e, g in ((-1, u, gu), ({1}, v, gv)):
                 st = self._ctx.getState(getEnergy=True, getForces=True, **({} if group == -1 else {"groups": group}))
                 e[i] = st.getPotentialEnergy()._value / self.kT

@@ -298,7 +298,7 @@ def _anneal_samples(system, x: np.ndarray, U: np.ndarray, log_w: np.ndarray, kee
                     settings: AnnealSettings, seed: int):
     """The annealed finish of weighted samples (positions (n, A, 3) nm, energies kJ/mol, log weights
     for exp(-U/kT), keep mask) -> the same four after it, and the run's acceptance/ESS/cost."""
-    me = MolecularEnergy(system, "Reference")
+    me = MolecularEnergy(system, "Reference", settings.tempered)
     n = len(x)
     ok = keep & np.isfinite(U)
     log_q = np.where(ok, -(log_w + U / me.kT), 0.0)  # the map's log density where it is known

@@ -45,7 +45,7 @@ TRAIN = dict(tau_max_ps=0.5, seed=7, n_features=32, n_layers=2, base="identity",
 # free-running rollouts (fidelity_cpu.py, 32 x 0.8 ns, finish 60 @ 100/ps) weight 8 gave alpha_R
 # 0.14 and alpha_L 0.03 (MD 0.41, 0.002), weight 32 alpha_R 0.05 and alpha_L 0.21, energy +7.7 kJ/mol.
 FINETUNE = dict(tau_max_ps=0.5, seed=11,
-                config={**TRAIN["config"], "torsion_weight": 8.0, "lr": 3e-4, "curriculum_fraction": 0.0,
+                config={**TRAIN["config"], "torsion_weight": 8.0, "torsion_set": "phi_psi", "lr": 3e-4, "curriculum_fraction": 0.0,
                         "validate_every": 1000, "validation_items": 256, "finish_steps": 60,
                         "finish_friction_per_ps": 100.0})
 PROBE_TAUS = (0.1, 0.5)

@@ -18,7 +18,7 @@ sampler's wall-clock) and for the noise floor (two reference halves). Also measu
 Prints a table and writes JSON (hardware, versions, settings, every number).
 
     OMP_NUM_THREADS=1 nice python benchmarks/boltzmann.py --size small --device cpu \\
-        --out benchmarks/results/boltzmann_cpu_small.json
+        --out benchmarks/results/boltzmann_cpu.json
     # the GPU run (lent H100/H200):
     python benchmarks/boltzmann.py --size full --device cuda --platform CUDA \\
         --out benchmarks/results/boltzmann_gpu_full.json

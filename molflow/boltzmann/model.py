@@ -80,7 +80,7 @@ class BoltzmannConfig:
     every dimension. For a unit-variance Gaussian direction (score -y) the map contracts z by
     c = exp(-η² ∫σ² dλ) (∫σ² dλ = 6.0 for the default schedule), the path-conditional density has
     variance c², and the weights' variance is infinite once c² < 1/2, i.e. η > 0.24.
-    Measured (``benchmarks/boltzmann.py``, η scan in ``benchmarks/results/boltzmann_cpu_small.json``:
+    Measured (``benchmarks/boltzmann.py``, η scan in ``benchmarks/results/boltzmann_cpu.json``:
     the *exact* denoiser of a Gaussian-mixture toy, 32 steps, 300 samples): ESS/N = 0.30, 0.31,
     0.24, 0.09, 0.025, 0.005, 0.003 at η = 0, 0.01, 0.02, 0.05, 0.1, 0.3, 1 in 62 dimensions (20
     stiff ones, like bonds), 0.95 / 0.76 / 0.11 at η = 0 / 0.1 / 1 in 2-D. η = 0.01 keeps a genuine SDE (the issue's) at no measurable ESS cost; ``eta = 0`` is

@@ -53,6 +53,9 @@ def _interrupted_rank(ctx, args):
     try:
         loop._train_rank(ctx, args)
     except _Interrupted:
+        # a killed job restarts every rank after rank 0's checkpoint is on disk; without this barrier a
+        # fast rank 1 could look for it before rank 0 wrote it and start a fresh run (1 in 5 runs here)
+        ctx.barrier()
         loop._train_rank(ctx, {**args, "resume": True})
 
 

@@ -325,7 +325,7 @@ def test_fast_frame_read_equals_a_fresh_evaluation(ala2):
                    equilibration_steps=100, start_positions_nm=minimise(ala2))
     g = Group(spec, 0, 1, ala2)
     g.start(GroupStart("fresh"))
-    assert g.substeps == 5 and g.context_energy
+    assert g.substeps == 10 and g.context_energy
     fast = next(g.run(1))
     slow = g.read_frame(with_coefficients=True)
     for key in ("positions", "velocities", "forces", "brownian"):

@@ -125,7 +125,7 @@ def test_frame_outputs_equal_a_fresh_evaluation(ala2):
 
 def test_choose_substeps():
     assert choose_substeps(100, 10000) == 10 and choose_substeps(20) == 10 and choose_substeps(12) == 6
-    assert choose_substeps(100, 10002) == 2 and choose_substeps(7) == 1 and choose_substeps(9, 3) == 3
+    assert choose_substeps(100, 10002) == 2 and choose_substeps(7) == 7 and choose_substeps(11) == 1 and choose_substeps(9, 3) == 3
     with pytest.raises(ValueError, match="divisor"):
         recording_integrator(300.0, 1.0, 1.0, 10, 3, seed=1, substeps=4)
 

@@ -173,7 +173,8 @@ class BoltzmannSampler:
         and ``attrs`` (counts, ESS, timings, settings). With ``out`` the same goes to HDF5.
 
         ``anneal`` (with ``reweight``): the exact annealed finish (:mod:`.anneal`): the map's samples
-        go through tempered bonded terms with HMC moves under the real force field and AIS weights;
+        go through targets with tempered bond and angle terms (or all terms, ``anneal.tempered``) with
+        HMC moves under the real force field and AIS weights;
         the positions, energies and weights returned are the finished ones (``log_weights_map`` keeps
         the map's own), and ``attrs`` count the energy evaluations and time it took.
         """

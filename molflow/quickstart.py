@@ -8,7 +8,7 @@
    states, and pathwise, driven by the reference's own recorded path;
 4. ``molflow.evaluate`` of both against the reference, and a summary report.
 
-Everything is written under the output folder; 2 min 24 s on 2 CPU cores (measured, AMD EPYC, seed 5).
+Everything is written under the output folder; 2 min 31 s on 2 CPU cores (measured, AMD EPYC).
 """
 from __future__ import annotations
 
@@ -267,8 +267,9 @@ def _report(s: dict, z: dict) -> str:
             lines.append("- strong error (aligned heavy-atom RMSD, nm) after " + ", ".join(
                 f"{float(t):g} ps: {_g(v)}" for t, v in pts[:: max(1, len(pts) // 5)]))
         lines.append("")
-    lines += ["The shipped map (τ_max = 0.5 ps, trained for 109 min on 2 CPU cores) keeps every bond and angle "
-              "physical with its force-field finish, but its slow (φ, ψ) law is wrong: free-running it drifts "
-              "from αR into β (see `flowmap.json`'s fidelity line and the README). The numbers above are its "
-              "honest quality; `molflow train ... --device cuda` at full size is the way to a useful map."]
+    lines += ["The shipped map (τ_max = 0.5 ps, trained in two phases for 118 min on 2 CPU cores) keeps every "
+              "bond and angle physical with its force-field finish, but its slow (φ, ψ) law is still too narrow: "
+              "free-running for nanoseconds it leaves αR under-populated (see `flowmap.json`'s fidelity line and "
+              "the README). The numbers above are its honest quality; `molflow train ... --device cuda` at full "
+              "size is the way to a useful map."]
     return "\n".join(lines) + "\n"

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "back to the force field (default: what the model's checkpoint recommends; 0: none)")
     p.add_argument("--finish-friction-per-ps", type=float, default=300.0,
                    help="friction of the finish, 1/ps (default 300)")
+    p.add_argument("--finish-hold-torsions", type=float, metavar="K",
+                   help="hold backbone phi/psi at the jump's values during the finish with a harmonic restraint "
+                        "of K kJ/mol/rad^2 (default: what the checkpoint recommends; 0: free)")
     p.add_argument("--extrapolate", action="store_true",
                    help="allow --tau-ps above the longest jump the model was trained for")
     mode = p.add_mutually_exclusive_group()
@@ -399,13 +402,22 @@ def _sample(args) -> int:
         attrs = {"start_from": f"minimised {fm.system.name} with Maxwell-Boltzmann velocities"}
     jumps = int(jumps or 100)
     finish = None  # the checkpoint's recommendation
-    if args.finish_steps is not None or recorded.get("finish_steps") is not None:
+    if (args.finish_steps is not None or recorded.get("finish_steps") is not None
+            or args.finish_hold_torsions is not None):
         from .finish import FinishConfig
 
-        steps = args.finish_steps if args.finish_steps is not None else int(recorded["finish_steps"])
-        friction = args.finish_friction_per_ps if args.finish_steps is not None else float(
-            recorded.get("finish_friction_per_ps", args.finish_friction_per_ps))
-        finish = FinishConfig(n_steps=steps, friction_per_ps=friction)
+        base = fm.default_finish()
+        if args.finish_steps is not None:
+            steps, friction, hold = args.finish_steps, args.finish_friction_per_ps, 0.0
+        elif recorded.get("finish_steps") is not None:
+            steps, friction = int(recorded["finish_steps"]), float(
+                recorded.get("finish_friction_per_ps", args.finish_friction_per_ps))
+            hold = float(recorded.get("finish_hold_torsions_kj_mol_rad2", 0.0))
+        else:
+            steps, friction, hold = base.n_steps, base.friction_per_ps, base.hold_torsions
+        if args.finish_hold_torsions is not None:
+            hold = args.finish_hold_torsions
+        finish = FinishConfig(n_steps=steps, friction_per_ps=friction, hold_torsions=hold)
     if not args.quiet:
         print(f"molflow sample: model={args.model} tau={tau:g} ps mode={mode} pathwise={args.pathwise} "
               f"replicas={len(x0)} jumps={jumps} seed={seed} device={fm.device}", file=sys.stderr)

@@ -31,17 +31,25 @@ from .errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class FinishConfig:
-    """``n_steps`` Langevin steps (0: no finish) of ``timestep_fs`` at ``friction_per_ps`` (1/ps)."""
+    """``n_steps`` Langevin steps (0: no finish) of ``timestep_fs`` at ``friction_per_ps`` (1/ps).
+
+    ``hold_torsions`` > 0 (kJ/mol/rad^2) adds, during the finish only, a harmonic restraint holding every
+    backbone phi and psi at the value the jump produced: the finish then re-thermalises bonds and angles
+    *given* the slow coordinates, which are the map's to set. Free (0), the finish measurably undoes part
+    of a map's torsion change (a map that moves psi partly by straining the atoms defining it; issue 17)."""
 
     n_steps: int = 0
     friction_per_ps: float = 300.0
     timestep_fs: float = 1.0
+    hold_torsions: float = 0.0  # kJ/mol/rad^2: hold backbone phi/psi at the jump's values (0: free)
 
     def __post_init__(self):
         if int(self.n_steps) != self.n_steps or self.n_steps < 0:
             raise InputError(f"finish steps must be a whole number >= 0, not {self.n_steps!r}")
         if self.n_steps and (self.friction_per_ps <= 0 or self.timestep_fs <= 0):
             raise InputError("finish friction (1/ps) and timestep (fs) must be positive")
+        if self.hold_torsions < 0:
+            raise InputError("finish torsion hold (kJ/mol/rad^2) must be >= 0")
 
     @property
     def duration_ps(self) -> float:
@@ -49,7 +57,7 @@ class FinishConfig:
 
     def to_attrs(self) -> dict[str, Any]:
         return {"finish_steps": int(self.n_steps), "finish_friction_per_ps": float(self.friction_per_ps),
-                "finish_timestep_fs": float(self.timestep_fs)}
+                "finish_timestep_fs": float(self.timestep_fs), "finish_hold_torsions_kj_mol_rad2": float(self.hold_torsions)}
 
 
 MAX_STEPS_PER_CALL = 10
@@ -95,8 +103,19 @@ class LangevinFinish:
         integ.addComputePerDof("v", "v - 0.5*h*f/m")
         integ.endBlock()
         self.integrator = integ
-        self.context = openmm.Context(system.create_system("nocutoff"), integ,
-                                      openmm.Platform.getPlatformByName(platform))
+        omm = system.create_system("nocutoff")
+        self.hold = np.zeros((0, 4), dtype=int)
+        if config.hold_torsions > 0:
+            d = system.dihedral_indices()
+            self.hold = np.asarray([*d["phi"], *d["psi"]], dtype=int).reshape(-1, 4)
+            for i, q in enumerate(self.hold):  # one force per torsion: its target is a global parameter
+                f = openmm.CustomTorsionForce(f"0.5*k_hold*dd^2; dd = dt - 2*pi*floor(dt/(2*pi) + 0.5); "
+                                              f"dt = theta - t0_{i}; pi = {np.pi!r}")
+                f.addGlobalParameter("k_hold", float(config.hold_torsions))
+                f.addGlobalParameter(f"t0_{i}", 0.0)
+                f.addTorsion(*(int(a) for a in q), [])
+                omm.addForce(f)
+        self.context = openmm.Context(omm, integ, openmm.Platform.getPlatformByName(platform))
 
     def noise_shape(self, replicas: int) -> tuple[int, ...]:
         return (int(replicas), int(self.config.n_steps), self.system.n_atoms, 3)
@@ -114,6 +133,9 @@ class LangevinFinish:
                 continue
             self.context.setPositions(xo[r])
             self.context.setVelocities(vo[r])
+            if len(self.hold):
+                for i, t in enumerate(_dihedrals(xo[r], self.hold)):
+                    self.context.setParameter(f"t0_{i}", float(t))
             for c in range(calls):
                 for j in range(M):
                     integ.setPerDofVariableByName(f"xi{j}", noise[r, c * M + j])
@@ -124,3 +146,10 @@ class LangevinFinish:
             xo[r] = st.getPositions(asNumpy=True)._value
             vo[r] = st.getVelocities(asNumpy=True)._value
         return xo, vo
+
+
+def _dihedrals(x: np.ndarray, quads: np.ndarray) -> np.ndarray:
+    """Dihedral angles (rad, OpenMM's sign convention) of one structure x (A, 3) for quads (Q, 4)."""
+    from .evaluation.dihedrals import dihedral_angles
+
+    return np.atleast_1d(dihedral_angles(x, quads))

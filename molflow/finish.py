@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .md.integrator import state_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,8 @@ class LangevinFinish:
                 integ.setGlobalVariableByName("last", 1.0 if c == calls - 1 else 0.0)
                 integ.step(1)
             st = self.context.getState(getPositions=True, getVelocities=True)
-            xo[r] = st.getPositions(asNumpy=True)._value
-            vo[r] = st.getVelocities(asNumpy=True)._value
+            xo[r] = state_array(st, "positions")
+            vo[r] = state_array(st, "velocities")
         return xo, vo
 
 

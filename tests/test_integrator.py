@@ -211,3 +211,17 @@ def test_same_distribution_as_stock_langevin_middle(ala2):
     # between 1 and 0.918 for the stiffest mode (C-H stretch, period ~11 fs): the mean must too.
     ratio = ours[2].mean() / ours[1].mean()
     assert 0.918 < ratio < 1.0, ratio
+
+
+def test_state_array_equals_the_public_reads(ala2):
+    """state_array (OpenMM's numpy fast path) gives exactly what getPositions/getVelocities/getForces
+    (asNumpy) give."""
+    from molflow.md.integrator import state_array
+
+    ctx = openmm.Context(ala2.create_system("nocutoff"), openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+    ctx.setPositions(ala2.positions_nm)
+    ctx.setVelocitiesToTemperature(300.0, 1)
+    st = ctx.getState(getPositions=True, getVelocities=True, getForces=True)
+    for kind, get in (("positions", st.getPositions), ("velocities", st.getVelocities), ("forces", st.getForces)):
+        np.testing.assert_array_equal(state_array(st, kind), np.array(get(asNumpy=True)._value))

@@ -35,7 +35,7 @@ from ..systems import MolecularSystem, load_system
 from ..trajectory import Trajectory, TrajectoryWriter
 from ..units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
 from .integrator import (INTEGRATOR_ID, choose_substeps, onstep_velocities, read_coefficients, read_frame_outputs,
-                         recording_integrator, set_onstep_velocities, step_physical)
+                         recording_integrator, set_onstep_velocities, state_array, step_physical)
 from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
 
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
@@ -233,11 +233,11 @@ class Group:
                                    getEnergy=energy)
         out = {}
         if positions:
-            out["x"] = np.array(st.getPositions(asNumpy=True)._value)
+            out["x"] = state_array(st, "positions")
         if velocities:
-            out["u"] = np.array(st.getVelocities(asNumpy=True)._value)
+            out["u"] = state_array(st, "velocities")
         if forces:
-            out["f"] = np.array(st.getForces(asNumpy=True)._value)
+            out["f"] = state_array(st, "forces")
         if energy:
             out["e"] = float(st.getPotentialEnergy()._value)
         return out

@@ -191,6 +191,27 @@ def read_noise(integrator) -> np.ndarray:
                      for m in range(substeps_of(integrator))])
 
 
+def state_array(state, kind: str) -> np.ndarray:
+    """``kind`` ("positions", "velocities" or "forces") of an OpenMM ``State`` as a (P, 3) float64 array
+    in OpenMM's units (nm, nm/ps, kJ/mol/nm).
+
+    Read with ``State._getVectorAsNumpy`` when this OpenMM has it: ``getPositions(asNumpy=True)`` costs
+    ~25 us more per call for 22 atoms (it lists the object's attributes and attaches units), which at
+    one read per 20-fs frame is ~2% of an MD step (measured: getState plus positions and velocities 60
+    us by the public calls, 10 us by this one, identical arrays). Falls back to the public call."""
+    import openmm
+
+    code = {"positions": openmm.State.Positions, "velocities": openmm.State.Velocities,
+            "forces": openmm.State.Forces}[kind]
+    fast = getattr(state, "_getVectorAsNumpy", None)
+    if fast is not None:
+        out = np.empty((state._getNumParticles(), 3), dtype=np.float64)
+        fast(code, out)
+        return out
+    get = {"positions": state.getPositions, "velocities": state.getVelocities, "forces": state.getForces}[kind]
+    return np.array(get(asNumpy=True)._value, dtype=np.float64)
+
+
 def _vec3_array(values) -> np.ndarray:
     """A tuple of OpenMM Vec3 as a (P, 3) float64 array (faster than np.asarray on the tuple)."""
     import itertools

@@ -147,7 +147,13 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=5, help="frames per round of part 1 at 100 fs (scaled to keep "
                     "the steps per round equal at other intervals)")
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--max-substeps", type=int, help="override molflow.md.integrator.MAX_SUBSTEPS for this run "
+                                                     "(physical steps per integrator call; default: the engine's)")
     args = ap.parse_args(argv)
+    from molflow.md import integrator
+
+    if args.max_substeps:
+        integrator.MAX_SUBSTEPS = int(args.max_substeps)  # read by choose_substeps when each Group is built
     platforms = args.platforms or [p for p in available_platforms() if p in ("Reference", "CPU", *GPU_PLATFORMS)]
     comparisons = []
     if not args.no_compare:
@@ -179,6 +185,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "md_throughput", "size": args.size, "system": "alanine_dipeptide",
         "settings": {"frame_fs": 100, "timestep_fs": 1.0, "equilibrate_ps": 0.0,
+                     "max_substeps": integrator.MAX_SUBSTEPS,
                      "rate": "steady state after the first written chunk (setup excluded)"},
         "hardware": {p: hardware_description(p) for p in platforms}, "cpu": cpu_description(),
         "cpu_count": os.cpu_count(), "load_average_at_end": list(os.getloadavg()),

@@ -72,14 +72,12 @@ def main(argv=None) -> int:
         changes[f"{name}_starts"] = int(sel.sum())
         changes[f"{name}_to_{names[other]}_md"] = float((b1[sel] == other).mean()) if sel.any() else None
         changes[f"{name}_to_{names[other]}_map"] = float((bm[sel] == other).mean()) if sel.any() else None
-    from molflow.evaluation.metrics import wrap_angle
-
     a0, a1 = np.array(phi_psi(x, s)), np.array(phi_psi(x1, s))
     free = {}
     for label, o in (("finish", out), ("no_finish", fm.sample((x, v), n_jumps=1, tau_ps=args.tau_ps, seed=3, finish=0))):
         am = np.array(phi_psi(o["positions"][:, 1].astype(np.float64), s))
         for i, name in enumerate(("phi", "psi")):
-            free[f"{name}_step_std_ratio_{label}"] = float(wrap_angle(am[i] - a0[i]).std() / wrap_angle(a1[i] - a0[i]).std())
+            free[f"{name}_step_std_ratio_{label}"] = float(M.wrap_angle(am[i] - a0[i]).std() / M.wrap_angle(a1[i] - a0[i]).std())
     res = {"benchmark": "one_jump_torsions", "model": args.model, "data": args.data, "settings": vars(args),
            "torsion_step_std_ratio": spread, "basin_changes_per_jump": changes,
            "free_running_step_std_ratio": free, "finish": fm.default_finish().to_attrs(), "hardware": cpu_description(), "torch": torch.__version__,

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --reweight: an exact annealed finish (AIS with HMC moves under the force field) "
                         "through J tempered targets of the bond and angle terms (default 0: none)")
     p.add_argument("--anneal-beta-start", type=float, default=0.25,
-                   help="inverse-temperature factor of the bonded terms at the first target (default 0.25)")
+                   help="inverse-temperature factor of the tempered terms at the first target (default 0.25)")
     p.add_argument("--anneal-moves", type=int, default=1, help="HMC moves per target (default 1)")
     p.add_argument("--anneal-step-fs", type=float, default=1.0, help="HMC leapfrog time step, fs (default 1)")
     p.add_argument("--anneal-leapfrog", type=int, default=10, help="leapfrog steps per HMC move (default 10)")
@@ -406,14 +406,14 @@ def _sample(args) -> int:
             or args.finish_hold_torsions is not None):
         from .finish import FinishConfig
 
-        base = fm.default_finish()
         if args.finish_steps is not None:
             steps, friction, hold = args.finish_steps, args.finish_friction_per_ps, 0.0
         elif recorded.get("finish_steps") is not None:
             steps, friction = int(recorded["finish_steps"]), float(
                 recorded.get("finish_friction_per_ps", args.finish_friction_per_ps))
             hold = float(recorded.get("finish_hold_torsions_kj_mol_rad2", 0.0))
-        else:
+        else:  # only the hold is set: the checkpoint's finish with it
+            base = fm.default_finish()
             steps, friction, hold = base.n_steps, base.friction_per_ps, base.hold_torsions
         if args.finish_hold_torsions is not None:
             hold = args.finish_hold_torsions
@@ -466,10 +466,6 @@ def _sample_boltzmann(args) -> int:
 
         if not args.reweight:
             raise InputError("--anneal needs --reweight (the finish carries the map's exact weights)")
-        if args.anneal < 0 or args.anneal_moves < 1 or args.anneal_leapfrog < 1 or args.anneal_step_fs <= 0:
-            raise InputError("--anneal, --anneal-moves, --anneal-leapfrog and --anneal-step-fs must be positive")
-        if not 0 < args.anneal_beta_start <= 1:
-            raise InputError("--anneal-beta-start must be in (0, 1]")
         anneal = AnnealSettings(args.anneal, args.anneal_beta_start, args.anneal_moves, args.anneal_leapfrog,
                                 args.anneal_step_fs / 1000.0, args.anneal_tempered)
     res = bs.sample(args.n, steps=args.steps, seed=seed, reweight=args.reweight, out=args.out,

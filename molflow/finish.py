@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .evaluation.dihedrals import dihedral_angles
 from .md.integrator import state_array
 
 
@@ -107,8 +108,7 @@ class LangevinFinish:
         omm = system.create_system("nocutoff")
         self.hold = np.zeros((0, 4), dtype=int)
         if config.hold_torsions > 0:
-            d = system.dihedral_indices()
-            self.hold = np.asarray([*d["phi"], *d["psi"]], dtype=int).reshape(-1, 4)
+            self.hold = system.backbone_torsions("phi_psi")
             for i, q in enumerate(self.hold):  # one force per torsion: its target is a global parameter
                 f = openmm.CustomTorsionForce(f"0.5*k_hold*dd^2; dd = dt - 2*pi*floor(dt/(2*pi) + 0.5); "
                                               f"dt = theta - t0_{i}; pi = {np.pi!r}")
@@ -135,7 +135,7 @@ class LangevinFinish:
             self.context.setPositions(xo[r])
             self.context.setVelocities(vo[r])
             if len(self.hold):
-                for i, t in enumerate(_dihedrals(xo[r], self.hold)):
+                for i, t in enumerate(np.atleast_1d(dihedral_angles(xo[r], self.hold))):
                     self.context.setParameter(f"t0_{i}", float(t))
             for c in range(calls):
                 for j in range(M):
@@ -148,9 +148,3 @@ class LangevinFinish:
             vo[r] = state_array(st, "velocities")
         return xo, vo
 
-
-def _dihedrals(x: np.ndarray, quads: np.ndarray) -> np.ndarray:
-    """Dihedral angles (rad, OpenMM's sign convention) of one structure x (A, 3) for quads (Q, 4)."""
-    from .evaluation.dihedrals import dihedral_angles
-
-    return np.atleast_1d(dihedral_angles(x, quads))

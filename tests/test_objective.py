@@ -131,14 +131,13 @@ def test_torsion_sets_of_alanine_dipeptide(ala2):
     """torsion_set "phi_psi": the two backbone torsions; "backbone": all 12 proper dihedrals about the
     N-CA and CA-C bonds (3 x 2 substituents on each side), phi and psi among them; others refused."""
     from molflow.errors import InputError
-    from molflow.training.loop import torsion_quads
 
     d = ala2.dihedral_indices()
-    pp = torsion_quads(ala2, "phi_psi")
+    pp = ala2.backbone_torsions("phi_psi")
     assert [tuple(q) for q in pp] == [tuple(d["phi"][0]), tuple(d["psi"][0])]
-    bb = torsion_quads(ala2, "backbone")
+    bb = ala2.backbone_torsions("backbone")
     assert len(bb) == 12 and {frozenset((q[1], q[2])) for q in bb} == {frozenset((q[1], q[2])) for q in pp}
     keys = {tuple(q) for q in bb} | {tuple(q[::-1]) for q in bb}
     assert tuple(pp[0]) in keys and tuple(pp[1]) in keys
     with pytest.raises(InputError, match="torsion_set"):
-        torsion_quads(ala2, "all")
+        ala2.backbone_torsions("all")

@@ -31,7 +31,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import InputError
 from ..evaluation.metrics import kish_ess
+from ..md.integrator import state_array
+from .reweight import self_normalise
+
+#: what a molecular finish may temper (MolecularEnergy)
+TEMPERED = ("bonded", "all")
 
 EnergyFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
@@ -50,12 +56,19 @@ class AnnealSettings:
     step_size: float = 0.1
     tempered: str = "bonded"  # on a molecule (MolecularEnergy): "bonded" (bonds, angles) or "all" terms
 
+    def __post_init__(self):
+        if self.n_temperatures < 0 or self.n_moves < 1 or self.leapfrog_steps < 1 or self.step_size <= 0:
+            raise InputError("annealing: temperatures must be >= 0, and moves, leapfrog steps and the step "
+                             "size positive")
+        if not 0.0 < self.beta_start <= 1.0:
+            raise InputError(f"annealing: beta_start must be in (0, 1], not {self.beta_start!r}")
+        if self.tempered not in TEMPERED:
+            raise InputError(f"annealing: tempered must be one of {TEMPERED}, not {self.tempered!r}")
+
     def betas(self) -> np.ndarray:
         """beta_0 .. beta_J (J = n_temperatures; beta_J = 1)."""
-        if self.n_temperatures <= 0:
+        if self.n_temperatures == 0:
             return np.ones(1)
-        if not 0.0 < self.beta_start <= 1.0:
-            raise ValueError("beta_start must be in (0, 1]")
         return np.geomspace(self.beta_start, 1.0, self.n_temperatures + 1)
 
 
@@ -81,7 +94,7 @@ def hmc_move(x: np.ndarray, e: tuple, energy_fn: EnergyFn, beta: float, step: fl
     p = rng.standard_normal(x.shape) / np.sqrt(inv_mass)
     h, g = pot(e)
     h0 = h + 0.5 * (p * p * inv_mass).sum(-1)
-    xn, en = x.copy(), e
+    xn, en = x, e
     p = p - 0.5 * step * g
     for k in range(n_leapfrog):
         xn = xn + step * inv_mass * p
@@ -131,11 +144,7 @@ def anneal(x0: np.ndarray, log_q: np.ndarray, energy_fn: EnergyFn, settings: Ann
 
 
 def _ess_fraction(log_w: np.ndarray) -> float:
-    if not np.isfinite(log_w).any():
-        return 0.0
-    w = np.exp(log_w - log_w[np.isfinite(log_w)].max())
-    w = np.where(np.isfinite(w), w, 0.0)
-    return float(kish_ess(w / w.sum()) / len(w))
+    return kish_ess(self_normalise(log_w)) / len(log_w)
 
 
 #: the force-field terms an annealed finish tempers on a molecule: the stiff bonded ones (a map's
@@ -155,11 +164,11 @@ class MolecularEnergy:
     def __init__(self, system, platform: str = "Reference", tempered: str = "bonded"):
         import openmm
 
-        if tempered not in ("bonded", "all"):
-            raise ValueError(f"tempered must be 'bonded' or 'all', not {tempered!r}")
-        self.tempered = tempered
-
         from ..md.engine import platform_object, platform_properties
+
+        if tempered not in TEMPERED:
+            raise InputError(f"tempered must be one of {TEMPERED}, not {tempered!r}")
+        self.tempered = tempered
 
         omm = system.create_system("nocutoff")
         names = set()
@@ -184,13 +193,8 @@ class MolecularEnergy:
             if not np.isfinite(xi).all():
                 continue
             self._ctx.setPositions(xi)
-            if self.tempered == "all":
-                st = self._ctx.getState(getEnergy=True, getForces=True)
-                u[i] = v[i] = st.getPotentialEnergy()._value / self.kT
-                gu[i] = gv[i] = -np.asarray(st.getForces(asNumpy=True)._value).ravel() / self.kT
-                continue
-            for group, e, g in ((-1, u, gu), ({1}, v, gv)):
-                st = self._ctx.getState(getEnergy=True, getForces=True, **({} if group == -1 else {"groups": group}))
+            for groups, e, g in (((0, 1), u, gu), ((1,), v, gv))[: 1 if self.tempered == "all" else 2]:
+                st = self._ctx.getState(getEnergy=True, getForces=True, groups=set(groups))
                 e[i] = st.getPotentialEnergy()._value / self.kT
-                g[i] = -np.asarray(st.getForces(asNumpy=True)._value).ravel() / self.kT
-        return u, gu, v, gv
+                g[i] = -state_array(st, "forces").ravel() / self.kT
+        return (u, gu, u, gu) if self.tempered == "all" else (u, gu, v, gv)

@@ -52,9 +52,10 @@ from ..brownian import legendre_step_weights
 from ..units import BOLTZMANN_KJ_MOL_K
 
 #: the largest number of physical steps per integrator call (see the module docstring). Measured with
-#: ``benchmarks/md_throughput.py --compare-only --frame-fs 100 --rounds 9`` (Reference platform, one
-#: replica, N = 3, stock/this per core): 0.789 at 5, 0.806 at 10 (N = 8: 0.714 vs 0.733); flat
-#: between 3 and 6 in an earlier scan: more substeps add per-DOF variables but fewer accumulator updates
+#: ``benchmarks/md_throughput.py --compare-only --frame-fs 100 --rounds 9 --max-substeps M`` (Reference
+#: platform, one replica, N = 3, stock/this per core): 0.789 at 5, 0.806 at 10 (N = 8: 0.714 vs 0.733;
+#: benchmarks/results/md_throughput_stock_cpu_substeps{5,10}.json); more substeps add per-DOF
+#: variables but fewer accumulator updates
 MAX_SUBSTEPS = 10
 #: names this integrator's program and state convention (the context's velocities are half-kicked
 #: u = v + dt/2 f/m); recorded in run files: an OpenMM checkpoint is only reused by the same program
@@ -195,10 +196,11 @@ def state_array(state, kind: str) -> np.ndarray:
     """``kind`` ("positions", "velocities" or "forces") of an OpenMM ``State`` as a (P, 3) float64 array
     in OpenMM's units (nm, nm/ps, kJ/mol/nm).
 
-    Read with ``State._getVectorAsNumpy`` when this OpenMM has it: ``getPositions(asNumpy=True)`` costs
-    ~25 us more per call for 22 atoms (it lists the object's attributes and attaches units), which at
-    one read per 20-fs frame is ~2% of an MD step (measured: getState plus positions and velocities 60
-    us by the public calls, 10 us by this one, identical arrays). Falls back to the public call."""
+    Read with ``State._getVectorAsNumpy`` when this OpenMM has it: ``getPositions(asNumpy=True)`` also
+    lists the object's attributes and attaches units on every call, which at one read per 20-fs frame
+    cost ~5% of the engine's speed (benchmarks/results/md_throughput_stock_cpu_before_state_read.json
+    against md_throughput_stock_cpu.json: 0.704x to 0.739x stock at 20-fs frames). Falls back to the
+    public call; tests/test_integrator.py checks both give the same arrays."""
     import openmm
 
     code = {"positions": openmm.State.Positions, "velocities": openmm.State.Velocities,

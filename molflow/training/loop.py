@@ -52,7 +52,7 @@ class TrainConfig:
     objective: str = "whitened_crps"  # "whitened_crps" | "energy" | "mse" (training/objective.py)
     crps_weight: float = 1.0  # weight of the per-coordinate CRPS in "whitened_crps"
     torsion_weight: float = 0.0  # weight of the backbone-torsion CRPS in "whitened_crps" (objective.py)
-    torsion_set: str = "phi_psi"  # which torsions it scores: "phi_psi" or "backbone" (backbone_torsion_quads)
+    torsion_set: str = "phi_psi"  # which torsions it scores: "phi_psi" or "backbone" (MolecularSystem.backbone_torsions)
     input_noise_nm: float = 0.01  # std of Gaussian noise on the start positions of recorded jumps (issue #10)
     n_latent_samples: int = 2  # m, latent draws per item for the energy score
     tau_max_ps: float = 1.0
@@ -103,29 +103,6 @@ def _features(x, v, x_ref, tau, v_th):
 
 
 
-def torsion_quads(system: MolecularSystem, which: str = "phi_psi") -> np.ndarray:
-    """The torsions (Q, 4) ``torsion_weight`` scores. ``"phi_psi"``: the backbone phi and psi of every
-    residue that has both. ``"backbone"``: every proper dihedral of the topology about those bonds
-    (N-CA, CA-C), i.e. also those of the atoms that must turn with them (O, CB, HA, H).
-
-    Measured on the shipped map's phase 2 (issue 17; benchmarks/one_jump_torsions.py, free-running
-    one-jump spread map/MD at 0.5 ps with the 60-step finish / without): "phi_psi" widened psi to
-    0.29 / 0.57 — the finish undoes half, since the map moved psi partly by straining the one atom that
-    defines it; "backbone" to 0.44 / 0.56, but free-running (32 x 0.8 ns) it put 8% in alpha_L (MD
-    0.2%) and the energy at +5.3 kJ/mol against 3% and +3.4 with "phi_psi", which ships."""
-    from ..systems import topology_terms
-
-    if which not in ("phi_psi", "backbone"):
-        raise InputError(f"torsion_set must be 'phi_psi' or 'backbone', not {which!r}")
-    d = system.dihedral_indices()
-    phi_psi = np.asarray([*d["phi"], *d["psi"]], dtype=np.int64).reshape(-1, 4)
-    if which == "phi_psi":
-        return phi_psi
-    centres = {frozenset((int(q[1]), int(q[2]))) for q in phi_psi}
-    dih = np.asarray(topology_terms(system.bonds, system.n_atoms)[2], dtype=np.int64).reshape(-1, 4)
-    return dih[[frozenset((int(q[1]), int(q[2]))) in centres for q in dih]]
-
-
 def torsion_step_spread(x0: torch.Tensor, xt: torch.Tensor, x1: torch.Tensor, system: MolecularSystem,
                          key: str) -> dict[str, float]:
     """How wide the map's one-jump change of the backbone torsions is against the recorded one: std over
@@ -174,7 +151,7 @@ class Trainer:
         self.scorer = None
         if config.objective == "whitened_crps":  # spreads from (at most 20000) training frames
             x = data.training_positions(20000)
-            quads = torsion_quads(system, config.torsion_set) if config.torsion_weight else np.zeros((0, 4), dtype=np.int64)
+            quads = system.backbone_torsions(config.torsion_set) if config.torsion_weight else np.zeros((0, 4), dtype=np.int64)
             self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight, quads, config.torsion_weight)
 
     @property

@@ -93,11 +93,17 @@ class WhitenedInternalScore:
         self.sd_d = _circular_std(dih)
         self.crps_weight = float(crps_weight)
         self.torsion_weight = float(torsion_weight)
-        self.torsions = torch.as_tensor(np.asarray(torsions if torsions is not None else np.zeros((0, 4)),
-                                                   dtype=np.int64).reshape(-1, 4))
-        if self.torsion_weight and not len(self.torsions):
+        quads = np.asarray(torsions if torsions is not None else np.zeros((0, 4)), dtype=np.int64).reshape(-1, 4)
+        if self.torsion_weight and not len(quads):
             raise InputError("torsion_weight > 0 but the molecule has no backbone phi/psi torsion")
-        self.sd_t = _circular_std(_dihedral(pos, self.torsions)) if len(self.torsions) else torch.ones(0, dtype=pos.dtype)
+        # the scored torsions are among the topology's dihedrals (either direction: same angle), so the
+        # term reuses the dihedrals and spreads the score computes anyway
+        where = {tuple(map(int, q)): i for i, q in enumerate(self.ic.dihedrals.tolist())}
+        where.update({k[::-1]: i for k, i in list(where.items())})
+        missing = [tuple(map(int, q)) for q in quads if tuple(map(int, q)) not in where]
+        if missing:
+            raise InputError(f"torsions {missing} are not proper dihedrals of the bonded topology")
+        self.torsion_index = torch.as_tensor([where[tuple(map(int, q))] for q in quads], dtype=torch.long)
         self._device = None
 
     @property
@@ -107,8 +113,8 @@ class WhitenedInternalScore:
     def _on(self, ref: torch.Tensor) -> None:
         if self._device != (ref.device, ref.dtype):
             self.ic.to(ref.device)
-            self.torsions = self.torsions.to(ref.device)
-            for k in ("mu_b", "sd_b", "mu_a", "sd_a", "sd_d", "sd_t"):
+            self.torsion_index = self.torsion_index.to(ref.device)
+            for k in ("mu_b", "sd_b", "mu_a", "sd_a", "sd_d"):
                 setattr(self, k, getattr(self, k).to(ref.device, ref.dtype))
             self._device = (ref.device, ref.dtype)
 
@@ -133,9 +139,9 @@ class WhitenedInternalScore:
             out = out + self.crps_weight * _crps_mean(torch.cat([cart_pred, lin_p], -1), torch.cat([cart_target, lin_t], -1),
                                                       dih_p, dih_t, self.sd_d)
         if self.torsion_weight:  # the backbone torsions' own circular CRPS, in units of their spread
-            t_p = _dihedral(x_pred.reshape(m * B, *x_pred.shape[2:]), self.torsions).view(m, B, -1)
-            t_t = _dihedral(x_target, self.torsions)
-            out = out + self.torsion_weight * _crps(t_p, t_t, lambda d: _wrap(d).abs() / self.sd_t).mean(-1)
+            i = self.torsion_index
+            out = out + self.torsion_weight * _crps(dih_p[..., i], dih_t[..., i],
+                                                    lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
         return out
 
 

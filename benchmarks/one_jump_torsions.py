@@ -12,6 +12,10 @@
    (fresh path coefficients, as free-running sampling draws them) the spread of the phi / psi change
    with the finish and without it, map / recorded: the finish undoes whatever part of a torsion
    change the map made by straining the atoms that define it.
+3. The beta basin's edge (same starts, phi < ``--edge-rad``, default -2.5 rad): MD moves phi back up
+   (mean +0.73 rad in 0.5 ps) and never past -pi; the mean phi change and the fraction of jumps that
+   end at phi > 0 (past -pi, into the alpha_L side), map with and without the finish against MD. A
+   one-jump law that is wide enough but not pulled back here fills alpha_L in free-running rollouts.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=256)
     ap.add_argument("--taus", default="0.02,0.1,0.5")
     ap.add_argument("--tau-ps", type=float, default=0.5, help="jump of part 2")
+    ap.add_argument("--edge-rad", type=float, default=-2.5, help="part 3: starts with phi below this (rad)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import molflow
@@ -74,17 +79,23 @@ def main(argv=None) -> int:
         changes[f"{name}_to_{names[other]}_map"] = float((bm[sel] == other).mean()) if sel.any() else None
     a0, a1 = np.array(phi_psi(x, s)), np.array(phi_psi(x1, s))
     free = {}
+    edge = a0[0] < args.edge_rad
+    edge_res = {"edge_rad": args.edge_rad, "starts": int(edge.sum()),
+                "dphi_mean_md": float(M.wrap_angle(a1[0] - a0[0])[edge].mean()),
+                "end_phi_positive_md": float((a1[0][edge] > 0).mean())}
     for label, o in (("finish", out), ("no_finish", fm.sample((x, v), n_jumps=1, tau_ps=args.tau_ps, seed=3, finish=0))):
         am = np.array(phi_psi(o["positions"][:, 1].astype(np.float64), s))
         for i, name in enumerate(("phi", "psi")):
             free[f"{name}_step_std_ratio_{label}"] = float(M.wrap_angle(am[i] - a0[i]).std() / M.wrap_angle(a1[i] - a0[i]).std())
+        edge_res[f"dphi_mean_map_{label}"] = float(M.wrap_angle(am[0] - a0[0])[edge].mean())
+        edge_res[f"end_phi_positive_map_{label}"] = float((am[0][edge] > 0).mean())
     res = {"benchmark": "one_jump_torsions", "model": args.model, "data": args.data, "settings": vars(args),
            "torsion_step_std_ratio": spread, "basin_changes_per_jump": changes,
-           "free_running_step_std_ratio": free, "finish": fm.default_finish().to_attrs(), "hardware": cpu_description(), "torch": torch.__version__,
+           "free_running_step_std_ratio": free, "beta_edge": edge_res, "finish": fm.default_finish().to_attrs(), "hardware": cpu_description(), "torch": torch.__version__,
            "python": platform.python_version(), "molflow": molflow.__version__}
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps({"torsion_step_std_ratio": spread, "basin_changes_per_jump": changes,
-                      "free_running_step_std_ratio": free}, indent=1))
+                      "free_running_step_std_ratio": free, "beta_edge": edge_res}, indent=1))
     return 0
 
 

@@ -203,6 +203,15 @@ class FlowMap:
         cfg = self.metadata.get("train_config") or {}
         return cfg.get("tau_max_ps")
 
+    def forces(self, positions_nm: np.ndarray) -> np.ndarray:
+        """Force-field forces (B, A, 3) kJ/mol/nm at positions (B, A, 3) nm (the system's NoCutoff
+        force field, Reference platform; the evaluator is made on first use)."""
+        if getattr(self, "_evaluator", None) is None:
+            from .md.engine import EnergyEvaluator
+
+            self._evaluator = EnergyEvaluator(self.system, platform="Reference")
+        return np.stack([self._evaluator.forces(p) for p in np.asarray(positions_nm, dtype=np.float64)])
+
     def default_finish(self) -> FinishConfig:
         """The finish recorded with the map (``sample_finish`` in its checkpoint), else none."""
         rec = self.metadata.get("sample_finish")
@@ -210,16 +219,22 @@ class FlowMap:
 
     @torch.no_grad()
     def jump(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, tau_ps: float | torch.Tensor,
-             mode: str = "sample", generator: torch.Generator | None = None, n_mean: int = 16):
-        """One jump of ``tau_ps`` for a batch: x (nm), v (nm/ps) (B,A,3), L (B,N,A,3) sqrt(ps) -> (x_t, v_t)."""
+             mode: str = "sample", generator: torch.Generator | None = None, n_mean: int = 16,
+             forces: torch.Tensor | None = None):
+        """One jump of ``tau_ps`` for a batch: x (nm), v (nm/ps) (B,A,3), L (B,N,A,3) sqrt(ps) -> (x_t, v_t).
+
+        A map with a torsion drive needs the force-field forces at x (B,A,3) kJ/mol/nm: pass them, or
+        they are computed here (one force evaluation per molecule, OpenMM Reference platform)."""
         B = x.shape[0]
         tau = torch.as_tensor(tau_ps, dtype=x.dtype, device=x.device).expand(B).clone()
+        if self.model.needs_forces and forces is None:
+            forces = torch.as_tensor(self.forces(x.detach().double().cpu().numpy()), dtype=x.dtype, device=x.device)
         if mode == "sample":
-            return self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau)
+            return self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, forces)
         if mode == "mean":
             xs, vs = torch.zeros_like(x), torch.zeros_like(v)
             for _ in range(n_mean):
-                xt, vt = self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau)
+                xt, vt = self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, forces)
                 xs += xt / n_mean
                 vs += vt / n_mean
             return xs, vs

@@ -177,3 +177,113 @@ def test_unknown_or_missing_backbone_is_a_clear_error(ala2, monkeypatch):
     scal, edges = atom_features(ala2)
     with pytest.raises(ImportError, match="pip install e3nn"):
         MolecularFlowMap(scal, edges, ala2.masses_amu, ala2.kT_kj_mol, 1.0, MapConfig(backbone="e3nn"))
+
+
+# --------------------------------------------------------------------------- the torsion drive
+@pytest.fixture(scope="module")
+def drive_model(ala2):
+    from molflow.models.molecular import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2,
+                                    torsion_drive=16)).double()
+    with torch.no_grad():  # a non-trivial drive (its last layer starts at zero)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_torsion_drive_keeps_e3_equivariance(drive_model, ala2, reflect):
+    """The drive's angle is odd in its pseudo-scalar inputs, so a mirrored molecule turns the other way;
+    forces rotate with the molecule. Without forces the map refuses to jump."""
+    from molflow.errors import InputError
+
+    Q, shift = _random_orthogonal(4, reflect), torch.tensor([0.2, 0.5, -1.0], dtype=torch.float64)
+    x, v, L, eps, tau = _inputs(ala2)
+    f = 300.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    xt, vt = drive_model(x, v, L, eps, tau, f)
+    xr, vr = drive_model(x @ Q.T + shift, v @ Q.T, L @ Q.T, eps @ Q.T, tau, f @ Q.T)
+    torch.testing.assert_close(xr, xt @ Q.T + shift, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(vr, vt @ Q.T, atol=1e-10, rtol=1e-10)
+    t_feat = torch.zeros(3, 3, dtype=torch.float64)
+    delta = drive_model.drive.angles(x, v, L, eps, tau, t_feat, drive_model.masses, drive_model.sigma,
+                                     drive_model.kT, x + 0.01, f)
+    assert delta.abs().min() > 1e-4  # the drive does turn
+    with pytest.raises(InputError, match="forces"):
+        drive_model(x, v, L, eps, tau)
+
+
+def test_torsion_drive_torque_is_minus_the_energy_slope(ala2):
+    """The torque feature equals -dU/d delta of the turn by central finite differences of the force
+    field's energy (step 1e-4 rad: the O(h^2) error is ~1e-6 kJ/mol/rad here)."""
+    from molflow.md.engine import EnergyEvaluator
+    from molflow.models.torsion_drive import build_torsion_drive
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.as_tensor(ala2.positions_nm, dtype=torch.float64).expand(2, -1, -1) + 0.01 * torch.randn(2, 22, 3, generator=g, dtype=torch.float64)
+    ev = EnergyEvaluator(ala2, "Reference")
+    f = torch.as_tensor(np.stack([ev.forces(p) for p in x.numpy()]))
+    drive = build_torsion_drive(ala2, 3, 8).double()
+    m = torch.as_tensor(ala2.masses_amu, dtype=torch.float64)
+    torque = drive.torques(x, f, m)
+    h = 1e-4
+    for j in range(2):
+        d = torch.zeros(2, 2, dtype=torch.float64)
+        d[:, j] = h
+        up = ev(drive.turn(x, torch.zeros_like(x), d, m)[0].numpy())
+        down = ev(drive.turn(x, torch.zeros_like(x), -d, m)[0].numpy())
+        np.testing.assert_allclose(torque[:, j].numpy(), -(up - down) / (2 * h), rtol=1e-4, atol=1e-3)
+
+
+def test_torsion_drive_turn_is_strain_free(ala2):
+    """Turning by delta changes exactly the driven torsion by delta and no bond length or angle, keeps
+    the kinetic energy and the angular momentum about the bond (inertia split)."""
+    from molflow.models.torsion_drive import build_torsion_drive, dihedral_and_gradient
+    from molflow.training.objective import InternalCoordinates, _dihedral, _wrap
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.as_tensor(ala2.positions_nm, dtype=torch.float64).expand(2, -1, -1) + 0.01 * torch.randn(2, 22, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 22, 3, generator=g, dtype=torch.float64)
+    drive = build_torsion_drive(ala2, 3, 8).double()
+    q = drive.quads
+    theta, grad = dihedral_and_gradient(x, q)
+    torch.testing.assert_close(theta, _dihedral(x, q))  # same convention as the training score
+    xr = x.clone().requires_grad_(True)  # closed-form gradient = autograd's
+    auto = torch.autograd.grad(_dihedral(xr, q)[0, 1], xr)[0][0, q[1]]
+    torch.testing.assert_close(grad[0, 1], auto)
+    m = torch.as_tensor(ala2.masses_amu, dtype=torch.float64)
+    delta = torch.tensor([[0.3, -0.7], [-1.1, 0.4]], dtype=torch.float64)
+    x2, v2 = drive.turn(x, v, delta, m)
+    torch.testing.assert_close(_wrap(_dihedral(x2, q) - theta), delta)
+    ic = InternalCoordinates(ala2.bonds, 22)
+    for before, after in zip(ic(x)[:2], ic(x2)[:2]):
+        torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
+    torch.testing.assert_close((m[:, None] * v2 * v2).sum((1, 2)), (m[:, None] * v * v).sum((1, 2)))
+    # turning phi alone: angular momentum about the N-CA axis through N is conserved
+    b, c = int(q[0, 1]), int(q[0, 2])
+    x3, _ = drive.turn(x, torch.zeros_like(v), torch.tensor([[0.5, 0.0], [0.5, 0.0]], dtype=torch.float64), m)
+    axis = (x[:, c] - x[:, b]) / (x[:, c] - x[:, b]).norm(dim=-1, keepdim=True)
+    r = x - x[:, b, None]
+    # a small turn as a velocity field: zero angular momentum about the axis means sum m (r x dx) . axis = 0
+    d = x3 - x
+    ang = (m[:, None] * torch.cross(r, d, dim=-1)).sum(1)
+    assert ((ang * axis).sum(-1).abs() < 0.02 * (m[None] * d.norm(dim=-1) * r.norm(dim=-1)).sum(1)).all()
+
+
+def test_added_torsion_drive_starts_as_the_identity(ala2):
+    """A drive added to a trained map leaves it exactly as it was (zero last layer)."""
+    from molflow.models.molecular import build_model
+
+    torch.manual_seed(1)
+    base = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2)).double()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    withd = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2, torsion_drive=8)).double()
+    missing, unexpected = withd.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("drive.") for k in missing)
+    x, v, L, eps, tau = _inputs(ala2)
+    f = torch.randn(x.shape, dtype=torch.float64)
+    for a, b in zip(base(x, v, L, eps, tau), withd(x, v, L, eps, tau, f)):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=0)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from molflow.errors import InputError
 from molflow.systems import topology_terms
 from molflow.training.objective import InternalCoordinates, WhitenedInternalScore
 
@@ -141,3 +142,30 @@ def test_torsion_sets_of_alanine_dipeptide(ala2):
     assert tuple(pp[0]) in keys and tuple(pp[1]) in keys
     with pytest.raises(InputError, match="torsion_set"):
         ala2.backbone_torsions("all")
+
+
+def test_torsion_only_objective_scores_only_the_torsions(ala2):
+    """``torsion_crps`` (torsions_only): a rigid translation of the predictions (Cartesian features
+    change, no internal coordinate does) leaves it unchanged, while the full score changes; bending
+    phi changes it; a molecule without phi/psi is refused."""
+    g = torch.Generator().manual_seed(2)
+    quads = ala2.backbone_torsions("phi_psi")
+    x0 = torch.as_tensor(ala2.positions_nm, dtype=torch.float64)
+    frames = (x0 + 0.01 * torch.randn(500, 22, 3, generator=g, dtype=torch.float64)).numpy()
+    only = WhitenedInternalScore(ala2.bonds, frames, 1.0, quads, torsions_only=True)
+    full = WhitenedInternalScore(ala2.bonds, frames, 1.0, quads, torsion_weight=1.0)
+    target = x0 + 0.01 * torch.randn(50, 22, 3, generator=g, dtype=torch.float64)
+    pred = torch.stack([x0 + 0.01 * torch.randn(50, 22, 3, generator=g, dtype=torch.float64) for _ in range(2)])
+    shifted = pred.clone()
+    shifted[..., 2] += 0.05  # a rigid translation: no internal coordinate changes, Cartesian features do
+    def with_cart(ws, p):  # Cartesian features = the positions themselves
+        return ws(p.reshape(2, 50, -1), target.reshape(50, -1), p, target)
+
+    torch.testing.assert_close(with_cart(only, pred), with_cart(only, shifted))
+    assert not torch.allclose(with_cart(full, pred), with_cart(full, shifted))
+    side = _downstream(ala2.bonds, int(quads[0][1]), int(quads[0][2]))
+    bent = pred.clone()
+    bent[..., side, :] += 0.03  # moves phi's atoms off their torsion
+    assert not torch.allclose(with_cart(only, pred), with_cart(only, bent))
+    with pytest.raises(InputError, match="phi/psi"):
+        WhitenedInternalScore(ala2.bonds, frames, 1.0, None, torsions_only=True)

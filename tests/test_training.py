@@ -140,6 +140,17 @@ def test_cpu_training_picks_the_machine_sized_defaults(data20fs, tmp_path):
     assert (m["n_features"], m["n_layers"], t["batch_size"]) == (16, 2, 8)
 
 
+_QUIET_SMALL = dict(validate_every=10_000, checkpoint_every=10_000, verdict_replicas=0, batch_size=4)
+
+
+def _small_base(data20fs, tmp_path, steps: int):
+    """A tiny trained map (16 features, 1 layer) to fine-tune from."""
+    base = tmp_path / "base.pt"
+    train("alanine_dipeptide", [str(data20fs)], base, tau_max_ps=0.04, steps=steps, seed=1, device="cpu",
+          config=_QUIET_SMALL, n_features=16, n_layers=1, progress=False)
+    return base
+
+
 def test_fine_tuning_starts_from_the_checkpoint(data20fs, tmp_path):
     """``init_from``: the fine-tune's first state is the base checkpoint's weights and architecture (a
     one-step fine-tune at learning rate 0 writes them back unchanged), its own settings are recorded,
@@ -147,10 +158,8 @@ def test_fine_tuning_starts_from_the_checkpoint(data20fs, tmp_path):
     for another system or a missing file is refused."""
     import json
 
-    quiet = dict(validate_every=10_000, checkpoint_every=10_000, verdict_replicas=0, batch_size=4)
-    base = tmp_path / "base.pt"
-    train("alanine_dipeptide", [str(data20fs)], base, tau_max_ps=0.04, steps=3, seed=1, device="cpu",
-          config=quiet, n_features=16, n_layers=1, progress=False)
+    quiet = _QUIET_SMALL
+    base = _small_base(data20fs, tmp_path, steps=3)
     tuned = tmp_path / "tuned.pt"
     train("alanine_dipeptide", [str(data20fs)], tuned, tau_max_ps=0.04, steps=1, seed=2, device="cpu",
           config={**quiet, "torsion_weight": 4.0, "lr": 0.0}, init_from=base, progress=False)
@@ -170,3 +179,27 @@ def test_fine_tuning_starts_from_the_checkpoint(data20fs, tmp_path):
     with pytest.raises(InputError, match="no such checkpoint"):
         train("alanine_dipeptide", [str(data20fs)], tmp_path / "x.pt", steps=1, init_from=tmp_path / "none.pt",
               progress=False)
+
+
+def test_torsion_drive_fine_tune_moves_only_the_drive(data20fs, tmp_path):
+    """``init_from`` a map without a drive plus ``torsion_drive`` in the settings adds one (starting as
+    the identity); ``train_only: torsion_drive`` with the ``torsion_crps`` objective then changes the
+    drive's weights and leaves every other weight exactly as it was. A drive-less map with
+    ``train_only`` is refused."""
+    quiet = _QUIET_SMALL
+    base = _small_base(data20fs, tmp_path, steps=2)
+    tuned = tmp_path / "drive.pt"
+    train("alanine_dipeptide", [str(data20fs)], tuned, tau_max_ps=0.04, steps=3, seed=2, device="cpu",
+          config={**quiet, "torsion_drive": 8, "train_only": "torsion_drive", "objective": "torsion_crps",
+                  "lr": 1e-2}, init_from=base, progress=False)
+    a, b = torch.load(base, weights_only=True), torch.load(tuned, weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0)
+    drive = [k for k in b["model"] if k.startswith("drive.")]
+    assert drive and set(b["model"]) - set(a["model"]) == set(drive)
+    assert b["model"]["drive.mlp.4.weight"].abs().sum() > 0  # the zero-initialised last layer moved
+    import json
+    assert json.loads(b["map_config_json"])["torsion_drive"] == 8
+    with pytest.raises(InputError, match="torsion drive"):
+        train("alanine_dipeptide", [str(data20fs)], tmp_path / "x.pt", tau_max_ps=0.04, steps=1, device="cpu",
+              config={**quiet, "train_only": "torsion_drive"}, init_from=base, progress=False)

@@ -94,6 +94,8 @@ class MapConfig:
     x_scale: str = "group"  # thermal length of the position correction: "group" (v_th of the atom's
     # bonded group, a heavy atom with its hydrogens: a hydrogen moves with its carbon, not in free flight)
     # or "atom" (its own v_th; maps made before issue 16)
+    torsion_drive: int = 0  # > 0: hidden width of the strain-free backbone-torsion step after the jump
+    # (molflow.models.torsion_drive; 0: none, the maps made before it)
     output_gain: float = 0.0  # > 0: a learned gain on the correction, starting at this value (measured
     # in issue 16: it slows short training without making it safer than the cap; off by default)
 
@@ -159,7 +161,7 @@ class MolecularFlowMap(nn.Module):
     """The molecular map: base (identity or exact OU) + equivariant correction (module docstring)."""
 
     def __init__(self, scalars: np.ndarray, edges: np.ndarray, masses_amu: np.ndarray, kT_kj_mol: float,
-                 gamma_per_ps: float, config: MapConfig):
+                 gamma_per_ps: float, config: MapConfig, torsion_drive: nn.Module | None = None):
         super().__init__()
         if config.n_latent < 2:
             raise ValueError("n_latent must be >= 2 (two latent vectors feed the exact OU remainder)")
@@ -197,6 +199,9 @@ class MolecularFlowMap(nn.Module):
                              n_vector_out=2, n_features=config.n_features, n_layers=config.n_layers,
                              n_rbf=config.n_rbf, cutoff_nm=config.cutoff_nm)
         self._zero_readout()
+        if config.torsion_drive and torsion_drive is None:
+            raise InputError("torsion_drive > 0 needs the molecule's torsions: build the map with build_model")
+        self.drive = torsion_drive if config.torsion_drive else None
         if config.output_gain:
             self.gain = nn.Parameter(torch.full((2,), float(config.output_gain), dtype=dtype))
 
@@ -213,9 +218,17 @@ class MolecularFlowMap(nn.Module):
     def n_atoms(self) -> int:
         return self.scalars.shape[0]
 
+    @property
+    def needs_forces(self) -> bool:
+        """Whether :meth:`forward` needs the force-field forces at x (a map with a torsion drive)."""
+        return self.drive is not None
+
     def forward(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor,
-                tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One jump. x, v (B,A,3); L (B,N,A,3); eps (B,k,A,3); tau (B,) ps -> (x_t, v_t)."""
+                tau: torch.Tensor, forces: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One jump. x, v (B,A,3); L (B,N,A,3); eps (B,k,A,3); tau (B,) ps; ``forces`` (B,A,3)
+        kJ/mol/nm at x, needed by a map with a torsion drive (:attr:`needs_forces`) -> (x_t, v_t)."""
+        if self.drive is not None and forces is None:
+            raise InputError("this map's torsion drive needs the force-field forces at the start positions")
         dtype = x.dtype
 
         def per_b(t):  # (B,) -> (B,1,1)
@@ -241,6 +254,9 @@ class MolecularFlowMap(nn.Module):
             out = out * self.gain.view(1, 1, 2, 1)
         x_t = x_base + per_b(tau_b) * self.x_len[None, :, None] * out[:, :, 0]
         v_t = v_base + per_b(-torch.expm1(-tau_b / TAU_V_PS)) * vt * out[:, :, 1]
+        if self.drive is not None:  # strain-free torsion turns (molflow.models.torsion_drive)
+            delta = self.drive.angles(x, v, L, eps, tau_b, t_feat, self.masses, self.sigma, self.kT, x_t, forces.to(dtype))
+            x_t, v_t = self.drive.turn(x_t, v_t, delta, self.masses)
         return x_t, v_t
 
     def _ou_base(self, x, v, L, eps, tau, per_b):
@@ -268,4 +284,9 @@ class MolecularFlowMap(nn.Module):
 def build_model(system, config: MapConfig) -> MolecularFlowMap:
     """The map for a :class:`~molflow.systems.MolecularSystem` (features read from its force field)."""
     scal, edges = atom_features(system)
-    return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config)
+    drive = None
+    if config.torsion_drive:
+        from .torsion_drive import build_torsion_drive
+
+        drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive)
+    return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config, drive)

@@ -158,25 +158,26 @@ class FrameData:
 
     def batch(self, size: int, k: int, rng: np.random.Generator, split: str = "train",
               device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """``size`` jumps of ``k`` frame intervals: x0, v0, x1, v1 (B,A,3), L (B,N,A,3), tau (B,) ps."""
+        """``size`` jumps of ``k`` frame intervals: x0, v0, x1, v1, f0 (B,A,3), L (B,N,A,3), tau (B,) ps."""
         return self.items(*self.draw(size, k, rng, split), k, device, dtype)
 
     # ------------------------------------------------------------------ reading
     def read(self, r: np.ndarray, f: np.ndarray, k: int) -> dict[str, np.ndarray]:
-        """Arrays of the items (r, f, k): x0, v0, x1, v1 (B, A, 3) and the k coefficient blocks
+        """Arrays of the items (r, f, k): x0, v0, x1, v1, the forces at x0 f0 (B, A, 3) and the k coefficient blocks
         ``blocks`` (B, k, N, A, 3), float32, read from the files in (trajectory, frame) order."""
         r, f = np.asarray(r, dtype=np.int64), np.asarray(f, dtype=np.int64)
         if np.any(f < 0) or np.any(f + k >= self.frames[r]):
             raise IndexError(f"a jump of {k} frames runs past the end of its trajectory")
         files = self._open()
-        datasets = [(h5["positions"], h5["velocities"], h5["brownian"]) for h5 in files]
+        datasets = [(h5["positions"], h5["velocities"], h5["brownian"], h5["forces"]) for h5 in files]
         B, A, N = len(r), self.n_atoms, self.n_coefficients
-        out = {key: np.empty((B, A, 3), np.float32) for key in ("x0", "v0", "x1", "v1")}
+        out = {key: np.empty((B, A, 3), np.float32) for key in ("x0", "v0", "x1", "v1", "f0")}
         blocks = np.empty((B, k, N, A, 3), np.float32)
         for i in np.lexsort((f, r)):
             fi, rep = self.sources[r[i]]
-            (pos, vel, brownian), s = datasets[fi], int(f[i])
-            if k <= 8:  # one contiguous read spans both ends
+            (pos, vel, brownian, forces), s = datasets[fi], int(f[i])
+            out["f0"][i] = forces[rep, s]
+            if k <= 32:  # one contiguous read spans both ends (h5py: faster than two indexed reads)
                 xs, vs = pos[rep, s:s + k + 1], vel[rep, s:s + k + 1]
                 out["x0"][i], out["x1"][i], out["v0"][i], out["v1"][i] = xs[0], xs[k], vs[0], vs[k]
             else:
@@ -188,7 +189,7 @@ class FrameData:
         return out
 
     def items(self, r: np.ndarray, f: np.ndarray, k: int, device="cpu", dtype=torch.float32):
-        """Tensors of the items: x0, v0, x1, v1 (B,A,3), L (B,N,A,3) composed over the k intervals, tau (B,)."""
+        """Tensors of the items: x0, v0, x1, v1, f0 (B,A,3), L (B,N,A,3) composed over the k intervals, tau (B,)."""
         out = self.read(r, f, k)
         blocks = out.pop("blocks")
         # composition matrices are dimensionless and depend only on the pieces' relative lengths

@@ -49,7 +49,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
-    objective: str = "whitened_crps"  # "whitened_crps" | "energy" | "mse" (training/objective.py)
+    objective: str = "whitened_crps"  # "whitened_crps" | "torsion_crps" | "energy" | "mse" (training/objective.py)
     crps_weight: float = 1.0  # weight of the per-coordinate CRPS in "whitened_crps"
     torsion_weight: float = 0.0  # weight of the backbone-torsion CRPS in "whitened_crps" (objective.py)
     torsion_set: str = "phi_psi"  # which torsions it scores: "phi_psi" or "backbone" (MolecularSystem.backbone_torsions)
@@ -78,6 +78,8 @@ class TrainConfig:
     finish_steps: int = 20  # the physical finish recommended to samplers of this map (molflow.finish; 0: none)
     finish_friction_per_ps: float = 300.0
     init_from: str = ""  # fine-tuning: the checkpoint whose model and EMA weights this run started from
+    train_only: str = ""  # "torsion_drive": optimise only the map's torsion drive, every other weight
+    # frozen (a drive fine-tuned on a trained map; molflow.models.torsion_drive). "": all weights
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -129,8 +131,16 @@ class Trainer:
         self.device, self.seed = device, seed
         torch.manual_seed(seed)
         self.model = build_model(system, map_config).to(device)
+        if config.train_only not in ("", "torsion_drive"):
+            raise InputError(f"train_only must be '' or 'torsion_drive', not {config.train_only!r}")
+        if config.train_only:
+            if self.model.drive is None:
+                raise InputError("train_only: torsion_drive needs a map with a torsion drive (torsion_drive > 0)")
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("drive."))
         self.teacher = EMA(self.model, decay=config.ema_decay, warmup=True)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
+                                     weight_decay=config.weight_decay)
         self.lr_scale = 1.0  # halved by every restore of the last good state
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.rng = np.random.default_rng(seed)
@@ -149,10 +159,12 @@ class Trainer:
         self.agree = lambda flag: flag  # DDP replaces it by an all-rank AND (molflow.training.distributed)
         self.k_tau_max = max(1, min(int(round(config.tau_max_ps / data.h0_ps)), data.max_jump()))
         self.scorer = None
-        if config.objective == "whitened_crps":  # spreads from (at most 20000) training frames
+        if config.objective in ("whitened_crps", "torsion_crps"):  # spreads from (at most 20000) training frames
             x = data.training_positions(20000)
-            quads = system.backbone_torsions(config.torsion_set) if config.torsion_weight else np.zeros((0, 4), dtype=np.int64)
-            self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight, quads, config.torsion_weight)
+            only = config.objective == "torsion_crps"
+            quads = (system.backbone_torsions(config.torsion_set) if config.torsion_weight or only
+                     else np.zeros((0, 4), dtype=np.int64))
+            self.scorer = WhitenedInternalScore(system.bonds, x, config.crps_weight, quads, config.torsion_weight, only)
 
     @property
     def ema(self) -> torch.nn.Module:
@@ -197,8 +209,8 @@ class Trainer:
     def _as_state_map(self, model: torch.nn.Module):
         """The molecular map as the generic SSFM losses (molflow.flowmap) see a map: a state z = (x, v)
         stacked (B, 2, A, 3), called as f(z, L, eps, tau)."""
-        def f(z, L, eps, tau):
-            x, v = model(z[:, 0], z[:, 1], L, eps, tau)
+        def f(z, L, eps, tau):  # a third slot of z, when present, holds the forces at x (torsion drive)
+            x, v = model(z[:, 0], z[:, 1], L, eps, tau, z[:, 2] if z.shape[1] > 2 else None)
             return torch.stack([x, v], 1)
         return f
 
@@ -226,7 +238,8 @@ class Trainer:
         """Local/direct loss on recorded jumps (the target is the recorded end state):
         :func:`molflow.flowmap.local_loss` on the molecular state."""
         model = self.model if model is None else model
-        z_s, z_t = torch.stack([b["x0"], b["v0"]], 1), torch.stack([b["x1"], b["v1"]], 1)
+        start = [b["x0"], b["v0"], b["f0"]] if self.model.needs_forces else [b["x0"], b["v0"]]
+        z_s, z_t = torch.stack(start, 1), torch.stack([b["x1"], b["v1"]], 1)
         return local_loss(self._as_state_map(model), z_s, z_t, b["L"], b["tau"], **self._loss_settings())[0]
 
     def _broken(self, x: torch.Tensor, v: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
@@ -300,7 +313,8 @@ class Trainer:
             k = self._draw_k(2, kmax)
             losses["direct"] = self._jump_loss(self._perturb(d.batch(n_dir, k, self.rng, device=self.device)))
             total = total + c.fraction_direct * losses["direct"]
-        if n_sg and kmax >= 2 and self._semigroup_gate(local, float(losses["local"].detach())):
+        # a map that needs forces (torsion drive) has none at the composed jump's midpoint: no semigroup term
+        if n_sg and kmax >= 2 and not self.model.needs_forces and self._semigroup_gate(local, float(losses["local"].detach())):
             k = max(1, self._draw_k(2, kmax) // 2)
             r, f = d.draw(n_sg, 2 * k, self.rng)
             whole = d.items(r, f, 2 * k, device=self.device)
@@ -396,7 +410,8 @@ class Trainer:
             b = self.data.batch(self.config.validation_items, k, rng, split="val", device=self.device)
             key = f"{k * self.data.h0_ps:g}ps"
             for mode in ("mean", "sample"):
-                xt, vt = fm.jump(b["x0"], b["v0"], b["L"], k * self.data.h0_ps, mode=mode, generator=gen, n_mean=8)
+                xt, vt = fm.jump(b["x0"], b["v0"], b["L"], k * self.data.h0_ps, mode=mode, generator=gen, n_mean=8,
+                                 forces=b["f0"])
                 out[f"val_rmsd_{mode}_{key}_nm"] = float(np.sqrt(np.mean(
                     rmsd(xt[:, heavy].cpu().numpy(), b["x1"][:, heavy].cpu().numpy()) ** 2)))
                 if mode == "sample":
@@ -583,17 +598,24 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
             if base["system_json"]["fingerprint"] != mol.fingerprint:
                 raise InputError(f"cannot fine-tune {init_from}: it was trained for another system "
                                  f"({base['system_json']['name']!r})")
-            map_cfg = MapConfig.from_dict(base["map_config_json"])
+            base_cfg = MapConfig.from_dict(base["map_config_json"])
+            # the checkpoint's architecture; a torsion drive may be added to a map that has none
+            added = int(given.get("torsion_drive", 0)) if not base_cfg.torsion_drive else 0
+            map_cfg = dataclasses.replace(base_cfg, torsion_drive=added or base_cfg.torsion_drive)
             if map_cfg.n_coefficients != frames.n_coefficients:
                 raise InputError(f"{init_from} takes N = {map_cfg.n_coefficients} path coefficients, "
                                  f"the data give {frames.n_coefficients}")
             cfg = dataclasses.replace(cfg, init_from=str(init_from))
         trainer = Trainer(mol, frames, cfg, map_cfg, dev, seed)
         if base is not None:
-            trainer.model.load_state_dict(base["model"])
-            trainer.ema.load_state_dict(base["ema"])
+            strict = map_cfg.torsion_drive == base_cfg.torsion_drive  # an added drive starts as the identity
+            for net, key in ((trainer.model, "model"), (trainer.ema, "ema")):
+                missing, unexpected = net.load_state_dict(base[key], strict=strict)
+                if unexpected or any(not k.startswith("drive.") for k in missing):
+                    raise InputError(f"{init_from}: weights do not fit the map (missing {missing}, unexpected {unexpected})")
             trainer.teacher.n_updates = int(base.get("ema_updates", base["step"]))  # a trained teacher
-            trainer.semigroup_on = bool((base.get("health_json") or {}).get("semigroup_on", True))
+            trainer.semigroup_on = (bool((base.get("health_json") or {}).get("semigroup_on", True))
+                                    and not trainer.model.needs_forces)  # such a map has no semigroup term
     shards = distributed.distribute(trainer, ctx) if ctx is not None else None
     if progress and main:
         n_par = sum(p.numel() for p in trainer.model.parameters())

@@ -1,25 +1,28 @@
 """Make the pretrained alanine-dipeptide flow map shipped with molflow (``flowmap.pt`` beside this file).
 
-    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--finetune-steps 3500] [--resume]
+    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--finetune-steps 4500] [--resume]
 
 Records the training data with ``molflow.simulate`` (two runs, 16 + 48 replicas x 100 ps = 6.4 ns,
 20 fs frames, N = 3 path coefficients, fixed seeds; reused when ``DIR`` already holds them), trains
 the map with ``molflow.train`` at tau_max = 0.5 ps in two phases (settings below, all recorded in
 the checkpoints; checkpointed every 500 steps, ``--resume`` continues the same schedule after an
-interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 a fine-tune of phase 1
-(``init_from``) with the backbone phi/psi CRPS weighted in (``torsion_weight``), which widens the
-map's one-jump law of the slow torsions towards MD's (phase 1 alone kept it 5x too narrow for psi
-at 0.5 ps and free-running rollouts drained alpha_R; README, issue 17). It then strips the
+interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 adds a torsion drive
+to phase 1 (``init_from``, ``torsion_drive``; molflow.models.torsion_drive) and trains only the drive
+(``train_only``) on the backbone phi/psi law (``torsion_crps``): phase 1 alone kept the one-jump
+torsion steps 4-5x too narrow at 0.5 ps, and widening them through the Cartesian network (the
+previous phase 2, ``torsion_weight``) strained the atoms that define them, which the finish undid
+(README, issue 17). It then strips the
 optimiser state (the file only needs to sample), measures short free-running rollouts with the
 recommended physical finish and writes ``flowmap.json`` with the settings, timings, hardware and
 those measurements. Budget: at most 2 hours of wall clock on 2 CPU cores (the data take about 13
-minutes of one core each with 2 workers, phase 1 about 109 minutes and phase 2 about 9 on one thread).
+minutes of one core each with 2 workers, phase 1 about 109 minutes on one thread, phase 2 about 11 on two).
 ``molflow quickstart`` samples with this map; ``benchmarks/fidelity_cpu.py`` measures it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -39,15 +42,16 @@ TRAIN = dict(tau_max_ps=0.5, seed=7, n_features=32, n_layers=2, base="identity",
              config={"batch_size": 32, "objective": "whitened_crps", "input_noise_nm": 0.003,
                      "validate_every": 5000, "checkpoint_every": 500, "finish_steps": 20,
                      "finish_friction_per_ps": 300.0})
-# Phase 2 (fine-tune of phase 1): the backbone torsions' own CRPS at weight 8, a fresh schedule at
-# lr 3e-4, every jump up to tau_max from the start. Chosen on 2000-step probes from phase 1: held-out
-# one-jump psi spread map/MD at 0.5 ps 0.19 before; 0.48 / 0.63 / 0.76 at weight 2 / 8 / 32; in
-# free-running rollouts (fidelity_cpu.py, 32 x 0.8 ns, finish 60 @ 100/ps) weight 8 gave alpha_R
-# 0.14 and alpha_L 0.03 (MD 0.41, 0.002), weight 32 alpha_R 0.05 and alpha_L 0.21, energy +7.7 kJ/mol.
+# Phase 2 (issue 17): a torsion drive (hidden width 32) added to phase 1, only its weights trained,
+# on the backbone phi/psi law alone (torsion_crps), long jumps (90% of items), no semigroup term (the
+# drive needs the forces at each jump's start, unknown at a composed jump's midpoint), batch 128, lr
+# 3e-3. Chosen on probes from phase 1 (benchmarks/results/torsion_drive_probes_cpu.json).
 FINETUNE = dict(tau_max_ps=0.5, seed=11,
-                config={**TRAIN["config"], "torsion_weight": 8.0, "torsion_set": "phi_psi", "lr": 3e-4, "curriculum_fraction": 0.0,
-                        "validate_every": 1000, "validation_items": 256, "finish_steps": 60,
-                        "finish_friction_per_ps": 100.0})
+                config={**TRAIN["config"], "torsion_drive": 32, "train_only": "torsion_drive",
+                        "objective": "torsion_crps", "torsion_weight": 1.0, "batch_size": 128, "lr": 3e-3,
+                        "curriculum_fraction": 0.0, "fraction_local": 0.1, "fraction_direct": 0.9,
+                        "fraction_semigroup": 0.0, "validate_every": 1000, "validation_items": 256,
+                        "finish_steps": 60, "finish_friction_per_ps": 100.0})
 PROBE_TAUS = (0.1, 0.5)
 # The finish recommended to samplers of the shipped map (sample_finish in the checkpoint): chosen by
 # measurement on this map at tau = 0.5 ps (benchmarks/fidelity_cpu.py levers; README): 60 steps of
@@ -66,7 +70,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=45000, help="phase-1 optimiser steps (default 45000)")
-    ap.add_argument("--finetune-steps", type=int, default=3500, help="phase-2 optimiser steps (default 3500; 0: none)")
+    ap.add_argument("--finetune-steps", type=int, default=4500, help="phase-2 optimiser steps (default 4500; 0: none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", required=True, help="folder for the training data and the full checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted training run in --work")
@@ -94,8 +98,9 @@ def main() -> int:
         molflow.train("alanine_dipeptide", data=files, out=full, steps=args.steps, device=args.device,
                       progress=not args.quiet, resume=args.resume and full.exists(), **TRAIN)
         train_s = time.perf_counter() - t0
-    tuned, tune_s = work / "model_tuned.pt", None
+    tuned, tune_s = work / "model_drive.pt", None
     if args.finetune_steps and not (args.reuse and tuned.exists()):
+        torch.set_num_threads(os.cpu_count() or 1)  # phase 2's batches of 128 use both cores
         t0 = time.perf_counter()
         resume = args.resume and tuned.exists()
         molflow.train("alanine_dipeptide", data=files, out=tuned, steps=args.finetune_steps, device=args.device,
@@ -142,7 +147,8 @@ def main() -> int:
         tune_s = json.loads(previous.read_text()).get("finetune_wall_s")
     meta = {"file": Path(args.out).name, "data": list(DATA), "train": {**TRAIN, "steps": args.steps},
             "sample_finish": SAMPLE_FINISH,
-            "finetune": {**FINETUNE, "steps": args.finetune_steps, "init_from": "phase 1 (model_full.pt)"},
+            "finetune": {**FINETUNE, "steps": args.finetune_steps, "init_from": "phase 1 (model_full.pt)",
+                         "threads": torch.get_num_threads()},
             "md_wall_s": md_s, "train_wall_s": train_s,
             "train_steps_per_s": args.steps / train_s if train_s else None, "finetune_wall_s": tune_s,
             "total_training_wall_s": (train_s or 0) + (tune_s or 0) if train_s else None, "hardware": hardware_description("CPU"),

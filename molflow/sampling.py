@@ -227,14 +227,17 @@ class FlowMap:
         they are computed here (one force evaluation per molecule, OpenMM Reference platform)."""
         B = x.shape[0]
         tau = torch.as_tensor(tau_ps, dtype=x.dtype, device=x.device).expand(B).clone()
-        if self.model.needs_forces and forces is None:
-            forces = torch.as_tensor(self.forces(x.detach().double().cpu().numpy()), dtype=x.dtype, device=x.device)
+        extra = ()  # only a map that needs forces is called with them
+        if self.model.needs_forces:
+            if forces is None:
+                forces = torch.as_tensor(self.forces(x.detach().double().cpu().numpy()), dtype=x.dtype, device=x.device)
+            extra = (forces,)
         if mode == "sample":
-            return self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, forces)
+            return self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, *extra)
         if mode == "mean":
             xs, vs = torch.zeros_like(x), torch.zeros_like(v)
             for _ in range(n_mean):
-                xt, vt = self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, forces)
+                xt, vt = self.model(x, v, L, self.model.sample_latent(B, generator).to(x.dtype), tau, *extra)
                 xs += xt / n_mean
                 vs += vt / n_mean
             return xs, vs

@@ -210,7 +210,7 @@ class Trainer:
         """The molecular map as the generic SSFM losses (molflow.flowmap) see a map: a state z = (x, v)
         stacked (B, 2, A, 3), called as f(z, L, eps, tau)."""
         def f(z, L, eps, tau):  # a third slot of z, when present, holds the forces at x (torsion drive)
-            x, v = model(z[:, 0], z[:, 1], L, eps, tau, z[:, 2] if z.shape[1] > 2 else None)
+            x, v = model(z[:, 0], z[:, 1], L, eps, tau, *([z[:, 2]] if z.shape[1] > 2 else []))
             return torch.stack([x, v], 1)
         return f
 

@@ -15,7 +15,7 @@ previous phase 2, ``torsion_weight``) strained the atoms that define them, which
 optimiser state (the file only needs to sample), measures short free-running rollouts with the
 recommended physical finish and writes ``flowmap.json`` with the settings, timings, hardware and
 those measurements. Budget: at most 2 hours of wall clock on 2 CPU cores (the data take about 13
-minutes of one core each with 2 workers, phase 1 about 109 minutes on one thread, phase 2 about 11 on two).
+minutes of one core each with 2 workers, phase 1 about 109 minutes on one thread, phase 2 about 9 on two).
 ``molflow quickstart`` samples with this map; ``benchmarks/fidelity_cpu.py`` measures it.
 """
 from __future__ import annotations

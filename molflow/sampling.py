@@ -155,6 +155,7 @@ class FlowMap:
         self.system = system
         self.h0_ps = float(h0_ps)
         self.metadata = metadata or {}
+        self._evaluator = None  # OpenMM force evaluator, made on first use (maps with a torsion drive)
 
     @property
     def device(self) -> torch.device:
@@ -206,7 +207,7 @@ class FlowMap:
     def forces(self, positions_nm: np.ndarray) -> np.ndarray:
         """Force-field forces (B, A, 3) kJ/mol/nm at positions (B, A, 3) nm (the system's NoCutoff
         force field, Reference platform; the evaluator is made on first use)."""
-        if getattr(self, "_evaluator", None) is None:
+        if self._evaluator is None:
             from .md.engine import EnergyEvaluator
 
             self._evaluator = EnergyEvaluator(self.system, platform="Reference")

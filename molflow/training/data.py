@@ -48,8 +48,11 @@ class FrameData:
     used in every trajectory of that split (stop None: to the trajectory's end).
 
     ``max_frames`` caps the frames used per file (the first ones); ``cache_mb`` bounds the HDF5
-    chunk cache.
+    chunk cache. ``read_forces`` (default False; the trainer sets it for a map with a torsion drive):
+    items also carry the recorded forces at their start, ``f0``.
     """
+
+    read_forces: bool = False
 
     def __init__(self, paths: Sequence[str], n_coefficients: int | None = None, max_frames: int | None = None,
                  cache_mb: float = DEFAULT_CACHE_MB):
@@ -158,12 +161,14 @@ class FrameData:
 
     def batch(self, size: int, k: int, rng: np.random.Generator, split: str = "train",
               device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
-        """``size`` jumps of ``k`` frame intervals: x0, v0, x1, v1, f0 (B,A,3), L (B,N,A,3), tau (B,) ps."""
+        """``size`` jumps of ``k`` frame intervals: x0, v0, x1, v1 (B,A,3) (and f0 with ``read_forces``),
+        L (B,N,A,3), tau (B,) ps."""
         return self.items(*self.draw(size, k, rng, split), k, device, dtype)
 
     # ------------------------------------------------------------------ reading
     def read(self, r: np.ndarray, f: np.ndarray, k: int) -> dict[str, np.ndarray]:
-        """Arrays of the items (r, f, k): x0, v0, x1, v1, the forces at x0 f0 (B, A, 3) and the k coefficient blocks
+        """Arrays of the items (r, f, k): x0, v0, x1, v1 (B, A, 3), with ``read_forces`` also the forces at
+        x0, f0 (B, A, 3) kJ/mol/nm, and the k coefficient blocks
         ``blocks`` (B, k, N, A, 3), float32, read from the files in (trajectory, frame) order."""
         r, f = np.asarray(r, dtype=np.int64), np.asarray(f, dtype=np.int64)
         if np.any(f < 0) or np.any(f + k >= self.frames[r]):
@@ -171,12 +176,14 @@ class FrameData:
         files = self._open()
         datasets = [(h5["positions"], h5["velocities"], h5["brownian"], h5["forces"]) for h5 in files]
         B, A, N = len(r), self.n_atoms, self.n_coefficients
-        out = {key: np.empty((B, A, 3), np.float32) for key in ("x0", "v0", "x1", "v1", "f0")}
+        keys = ("x0", "v0", "x1", "v1", "f0") if self.read_forces else ("x0", "v0", "x1", "v1")
+        out = {key: np.empty((B, A, 3), np.float32) for key in keys}
         blocks = np.empty((B, k, N, A, 3), np.float32)
         for i in np.lexsort((f, r)):
             fi, rep = self.sources[r[i]]
             (pos, vel, brownian, forces), s = datasets[fi], int(f[i])
-            out["f0"][i] = forces[rep, s]
+            if self.read_forces:
+                out["f0"][i] = forces[rep, s]
             if k <= 32:  # one contiguous read spans both ends (h5py: faster than two indexed reads)
                 xs, vs = pos[rep, s:s + k + 1], vel[rep, s:s + k + 1]
                 out["x0"][i], out["x1"][i], out["v0"][i], out["v1"][i] = xs[0], xs[k], vs[0], vs[k]
@@ -189,7 +196,7 @@ class FrameData:
         return out
 
     def items(self, r: np.ndarray, f: np.ndarray, k: int, device="cpu", dtype=torch.float32):
-        """Tensors of the items: x0, v0, x1, v1, f0 (B,A,3), L (B,N,A,3) composed over the k intervals, tau (B,)."""
+        """Tensors of the items: x0, v0, x1, v1 (f0) (B,A,3), L (B,N,A,3) composed over the k intervals, tau (B,)."""
         out = self.read(r, f, k)
         blocks = out.pop("blocks")
         # composition matrices are dimensionless and depend only on the pieces' relative lengths

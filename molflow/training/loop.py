@@ -138,6 +138,7 @@ class Trainer:
                 raise InputError("train_only: torsion_drive needs a map with a torsion drive (torsion_drive > 0)")
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("drive."))
+        data.read_forces = self.model.needs_forces  # a torsion drive's input: the recorded start forces
         self.teacher = EMA(self.model, decay=config.ema_decay, warmup=True)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
                                      weight_decay=config.weight_decay)
@@ -238,6 +239,8 @@ class Trainer:
         """Local/direct loss on recorded jumps (the target is the recorded end state):
         :func:`molflow.flowmap.local_loss` on the molecular state."""
         model = self.model if model is None else model
+        # the forces are the recorded ones at the unjittered start (_perturb); only the torsion drive's
+        # torque reads them, and bonds and angles, the terms 0.003 nm changes most, do not enter it
         start = [b["x0"], b["v0"], b["f0"]] if self.model.needs_forces else [b["x0"], b["v0"]]
         z_s, z_t = torch.stack(start, 1), torch.stack([b["x1"], b["v1"]], 1)
         return local_loss(self._as_state_map(model), z_s, z_t, b["L"], b["tau"], **self._loss_settings())[0]
@@ -411,7 +414,7 @@ class Trainer:
             key = f"{k * self.data.h0_ps:g}ps"
             for mode in ("mean", "sample"):
                 xt, vt = fm.jump(b["x0"], b["v0"], b["L"], k * self.data.h0_ps, mode=mode, generator=gen, n_mean=8,
-                                 forces=b["f0"])
+                                 forces=b.get("f0"))
                 out[f"val_rmsd_{mode}_{key}_nm"] = float(np.sqrt(np.mean(
                     rmsd(xt[:, heavy].cpu().numpy(), b["x1"][:, heavy].cpu().numpy()) ** 2)))
                 if mode == "sample":

@@ -103,7 +103,7 @@ class WhitenedInternalScore:
         self.torsions_only = bool(torsions_only)
         quads = np.asarray(torsions if torsions is not None else np.zeros((0, 4)), dtype=np.int64).reshape(-1, 4)
         if (self.torsion_weight or self.torsions_only) and not len(quads):
-            raise InputError("torsion_weight > 0 but the molecule has no backbone phi/psi torsion")
+            raise InputError("torsion_weight > 0 or torsion_crps, but the molecule has no backbone phi/psi torsion")
         # the scored torsions are among the topology's dihedrals (either direction: same angle), so the
         # term reuses the dihedrals and spreads the score computes anyway
         where = {tuple(map(int, q)): i for i, q in enumerate(self.ic.dihedrals.tolist())}
@@ -139,25 +139,30 @@ class WhitenedInternalScore:
         lin_p, dih_p = self.internal(x_pred.reshape(m * B, *x_pred.shape[2:]))
         lin_t, dih_t = self.internal(x_target)
         lin_p, dih_p = lin_p.view(m, B, -1), dih_p.view(m, B, -1)
-        emb = lambda d: torch.cat([torch.cos(d), torch.sin(d)], -1) / torch.cat([self.sd_d, self.sd_d])  # noqa: E731
+        i = self.torsion_index
         if self.torsions_only:
-            i = self.torsion_index
-            sd = torch.cat([self.sd_d[i], self.sd_d[i]])
-            ep = torch.cat([torch.cos(dih_p[..., i]), torch.sin(dih_p[..., i])], -1) / sd
-            et = torch.cat([torch.cos(dih_t[..., i]), torch.sin(dih_t[..., i])], -1) / sd
-            return energy_score(ep, et) / math.sqrt(ep.shape[-1]) + (self.torsion_weight or 1.0) * _crps(
-                dih_p[..., i], dih_t[..., i], lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
-        joint_p = torch.cat([cart_pred, lin_p, emb(dih_p)], -1)
-        joint_t = torch.cat([cart_target, lin_t, emb(dih_t)], -1)
+            ep, et = _embed(dih_p[..., i], self.sd_d[i]), _embed(dih_t[..., i], self.sd_d[i])
+            return (energy_score(ep, et) / math.sqrt(ep.shape[-1])
+                    + (self.torsion_weight or 1.0) * self._torsion_crps(dih_p, dih_t))
+        joint_p = torch.cat([cart_pred, lin_p, _embed(dih_p, self.sd_d)], -1)
+        joint_t = torch.cat([cart_target, lin_t, _embed(dih_t, self.sd_d)], -1)
         out = energy_score(joint_p, joint_t) / math.sqrt(joint_p.shape[-1])
         if self.crps_weight:
             out = out + self.crps_weight * _crps_mean(torch.cat([cart_pred, lin_p], -1), torch.cat([cart_target, lin_t], -1),
                                                       dih_p, dih_t, self.sd_d)
-        if self.torsion_weight:  # the backbone torsions' own circular CRPS, in units of their spread
-            i = self.torsion_index
-            out = out + self.torsion_weight * _crps(dih_p[..., i], dih_t[..., i],
-                                                    lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
+        if self.torsion_weight:
+            out = out + self.torsion_weight * self._torsion_crps(dih_p, dih_t)
         return out
+
+    def _torsion_crps(self, dih_p: torch.Tensor, dih_t: torch.Tensor) -> torch.Tensor:
+        """The scored backbone torsions' circular CRPS, each in units of its spread, mean over them (B,)."""
+        i = self.torsion_index
+        return _crps(dih_p[..., i], dih_t[..., i], lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
+
+
+def _embed(d: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """Angles (..., Q) as (cos, sin) / spread (..., 2Q): chord distances in units of each spread."""
+    return torch.cat([torch.cos(d), torch.sin(d)], -1) / torch.cat([sd, sd])
 
 
 def _circular_std(a: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ Python:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import multiprocessing as mp
 import os
 import platform as _platform
@@ -563,14 +564,22 @@ def _run_workers(spec, assignment, chunks, n_workers):
         yield from _drive_groups(spec, assignment[0], chunks)
         return
     # fork where available: spawn would re-import the caller's __main__ (a script without an
-    # `if __name__ == "__main__"` guard would run again in every worker). The parent holds no
-    # OpenMM Context and no threads of ours at this point, so forking is safe.
+    # `if __name__ == "__main__"` guard would run again in every worker). The engine holds no OpenMM
+    # Context and no threads of its own here, but a long-lived caller may (a FlowMap's force evaluator,
+    # unreachable finish contexts): a forked worker whose garbage collector destroyed such an inherited
+    # Context crashed (seen once in CI). So collect the parent's garbage first and freeze what is left
+    # (gc.freeze: the children never collect the inherited objects), unfreezing once they have started.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     q = ctx.Queue(maxsize=4 * sum(len(a) for a in assignment))
     procs = [ctx.Process(target=_worker_main, args=(spec, a, chunks, q, os.getpid()), daemon=True)
              for a in assignment]
-    for p in procs:
-        p.start()
+    gc.collect()
+    gc.freeze()
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        gc.unfreeze()
     try:
         while True:
             try:

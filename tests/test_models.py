@@ -193,14 +193,33 @@ def drive_model(ala2):
     return m
 
 
+@pytest.fixture(scope="module")
+def binned_drive_model(ala2):
+    from molflow.models.molecular import build_model
+
+    torch.manual_seed(1)
+    m = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2,
+                                    torsion_drive=16, torsion_drive_bins=24)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
 @pytest.mark.parametrize("reflect", [False, True])
-def test_torsion_drive_keeps_e3_equivariance(drive_model, ala2, reflect):
+@pytest.mark.parametrize("kind", ["implicit", "binned"])
+def test_torsion_drive_keeps_e3_equivariance(drive_model, binned_drive_model, ala2, reflect, kind):
     """The drive's angle is odd in its pseudo-scalar inputs, so a mirrored molecule turns the other way;
     forces rotate with the molecule. Without forces the map refuses to jump."""
     from molflow.errors import InputError
 
+    drive_model = drive_model if kind == "implicit" else binned_drive_model
     Q, shift = _random_orthogonal(4, reflect), torch.tensor([0.2, 0.5, -1.0], dtype=torch.float64)
     x, v, L, eps, tau = _inputs(ala2)
+    if kind == "binned":  # its own latent vector
+        eps = torch.cat([eps, torch.randn(eps[:, :1].shape, generator=torch.Generator().manual_seed(6),
+                                          dtype=torch.float64)], 1)
+        assert drive_model.sample_latent(2).shape[1] == eps.shape[1]
     f = 300.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     xt, vt = drive_model(x, v, L, eps, tau, f)
     xr, vr = drive_model(x @ Q.T + shift, v @ Q.T, L @ Q.T, eps @ Q.T, tau, f @ Q.T)
@@ -287,3 +306,68 @@ def test_added_torsion_drive_starts_as_the_identity(ala2):
     f = torch.randn(x.shape, dtype=torch.float64)
     for a, b in zip(base(x, v, L, eps, tau), withd(x, v, L, eps, tau, f)):
         torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+
+
+def test_drive_fit_inputs_reproduce_the_full_map(drive_model, ala2):
+    """A cached drive fit (molflow.training.drive_fit) scores the network's torsions plus the drive's
+    angle from the cached features; that must be exactly the torsions the full map (network, then the
+    turns) reaches: a turn about one backbone bond leaves the other backbone torsion unchanged."""
+    from molflow.models.torsion_drive import dihedral_and_gradient
+
+    x, v, L, eps, tau = _inputs(ala2)
+    f = 300.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_full, _ = drive_model(x, v, L, eps, tau, f)
+    m = drive_model
+    x_net, _, t_feat = m.network_jump(x, v, L, eps, tau)
+    inv, pseudo = m.drive.features(x, v, L, eps, tau, t_feat, m.masses, m.sigma, m.kT, x_net, f)
+    delta = m.drive.delta(inv, pseudo, tau)
+    assert delta.abs().min() > 1e-3
+    q = m.drive.quads
+    want = dihedral_and_gradient(x_full, q)[0]
+    got = dihedral_and_gradient(x_net, q)[0] + delta
+    wrapped = torch.remainder(got - want + torch.pi, 2 * torch.pi) - torch.pi
+    assert wrapped.abs().max() < 1e-9
+
+
+def test_binned_drive_law(binned_drive_model, ala2):
+    """A binned drive's law: its density (log_prob) integrates to 1 over its range, and its turns,
+    drawn as quantiles Phi(zeta) of that law, follow it (Kolmogorov-Smirnov distance of 4000 draws
+    from the law's CDF below 1.63 / sqrt(4000), the 1% critical value); its latents are whitened
+    (the phi and psi latents of one draw uncorrelated: |r| < 4 / sqrt(4000))."""
+    m, d = binned_drive_model, binned_drive_model.drive
+    torch.set_grad_enabled(False)
+    try:
+        _check_binned_law(m, d, ala2)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_binned_law(m, d, ala2):
+    x, v, L, eps, tau = _inputs(ala2)
+    x, v, L, tau = x[:1], v[:1], L[:1], tau[:1]
+    n = 4000
+    g = torch.Generator().manual_seed(11)
+    e = torch.randn(n, m.n_latent_vectors, *x.shape[1:], generator=g, dtype=torch.float64)
+    rep = lambda t: t.expand(n, *t.shape[1:])  # noqa: E731
+    f = 300.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_net, _, t_feat = m.network_jump(rep(x), rep(v), rep(L), e[:, :m.config.n_latent], rep(tau))
+    inv, pseudo = d.features(rep(x), rep(v), rep(L), e, rep(tau), t_feat, m.masses, m.sigma, m.kT, x_net, rep(f))
+    zeta = pseudo[..., 4]
+    assert abs(float(torch.corrcoef(zeta.T)[0, 1])) < 4 / n ** 0.5
+    delta = d.delta(inv, pseudo, rep(tau))  # (n, Q)
+    w = float(d.half_width(tau[0]))
+    grid = torch.linspace(-w, w, 2401, dtype=torch.float64)[:-1] + w / 2400  # 100 cells per bin
+    k = 7  # one draw's features fix the law; the network's jump differs per draw only through its latents
+    dens = d.log_prob(inv[k:k + 1].expand(len(grid), -1, -1), pseudo[k:k + 1].expand(len(grid), -1, -1),
+                      tau[:1].expand(len(grid)), grid[:, None].expand(-1, 2)).exp()
+    total = dens.sum(0) * (2 * w / 2400)
+    torch.testing.assert_close(total, torch.ones(2, dtype=torch.float64), atol=1e-9, rtol=0)
+    # draws with the features of item k and fresh latents
+    z = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    pk = pseudo[k:k + 1].expand(n, -1, -1).clone()
+    pk[..., 4] = z
+    dk = d.delta(inv[k:k + 1].expand(n, -1, -1), pk, tau[:1].expand(n))
+    cdf = torch.cumsum(dens, 0) * (2 * w / 2400)
+    for q in range(2):
+        emp = (dk[:, q, None] <= grid[None] + w / 2400).double().mean(0)
+        assert float((emp - cdf[:, q]).abs().max()) < 1.63 / n ** 0.5

@@ -96,6 +96,8 @@ class MapConfig:
     # or "atom" (its own v_th; maps made before issue 16)
     torsion_drive: int = 0  # > 0: hidden width of the strain-free backbone-torsion step after the jump
     # (molflow.models.torsion_drive; 0: none, the maps made before it)
+    torsion_drive_bins: int = 0  # > 0: the drive draws each turn from a learned binned law with this many
+    # bins and a latent vector of its own; 0: an implicit law (the turn a function of the map's last latent)
     output_gain: float = 0.0  # > 0: a learned gain on the correction, starting at this value (measured
     # in issue 16: it slows short training without making it safer than the cap; off by default)
 
@@ -229,7 +231,20 @@ class MolecularFlowMap(nn.Module):
         kJ/mol/nm at x, needed by a map with a torsion drive (:attr:`needs_forces`) -> (x_t, v_t)."""
         if self.drive is not None and forces is None:
             raise InputError("this map's torsion drive needs the force-field forces at the start positions")
+        x_t, v_t, t_feat = self.network_jump(x, v, L, eps, tau)
+        if self.drive is not None:  # strain-free torsion turns (molflow.models.torsion_drive)
+            delta = self.drive.angles(x, v, L, eps, t_feat[:, 1], t_feat, self.masses, self.sigma, self.kT, x_t,
+                                      forces.to(x.dtype))
+            x_t, v_t = self.drive.turn(x_t, v_t, delta, self.masses)
+        return x_t, v_t
+
+    def network_jump(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor,
+                     tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The jump without the torsion drive (arguments as :meth:`forward`; the network takes the
+        first ``n_latent`` latent vectors) -> (x_t, v_t, the jump length features (B, 3): log(tau / 0.1
+        ps), tau ps, 1 - e^{-gamma tau})."""
         dtype = x.dtype
+        eps = eps[:, :self.config.n_latent]
 
         def per_b(t):  # (B,) -> (B,1,1)
             return t[:, None, None]
@@ -254,10 +269,7 @@ class MolecularFlowMap(nn.Module):
             out = out * self.gain.view(1, 1, 2, 1)
         x_t = x_base + per_b(tau_b) * self.x_len[None, :, None] * out[:, :, 0]
         v_t = v_base + per_b(-torch.expm1(-tau_b / TAU_V_PS)) * vt * out[:, :, 1]
-        if self.drive is not None:  # strain-free torsion turns (molflow.models.torsion_drive)
-            delta = self.drive.angles(x, v, L, eps, tau_b, t_feat, self.masses, self.sigma, self.kT, x_t, forces.to(dtype))
-            x_t, v_t = self.drive.turn(x_t, v_t, delta, self.masses)
-        return x_t, v_t
+        return x_t, v_t, t_feat
 
     def _ou_base(self, x, v, L, eps, tau, per_b):
         """The exact free-particle (OU) jump given the coefficients, its remainder drawn from eps[:, :2]."""
@@ -274,10 +286,16 @@ class MolecularFlowMap(nn.Module):
         v_base = per_b(ou["c_vv"]) * v + sig * (proj_v + per_b(ou["r_vx"]) * e0 + per_b(ou["r_vv"]) * e1)
         return x_base, v_base
 
+    @property
+    def n_latent_vectors(self) -> int:
+        """Latent vectors per atom a jump takes: the network's, plus one of its own for a binned drive."""
+        own = bool(self.drive is not None and self.config.torsion_drive_bins)
+        return self.config.n_latent + int(own)
+
     def sample_latent(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Fresh latents (batch, k, A, 3)."""
+        """Fresh latents (batch, :attr:`n_latent_vectors`, A, 3)."""
         p = self.scalars
-        return torch.randn(batch, self.config.n_latent, self.n_atoms, 3, generator=generator,
+        return torch.randn(batch, self.n_latent_vectors, self.n_atoms, 3, generator=generator,
                            device=p.device, dtype=p.dtype)
 
 
@@ -288,5 +306,5 @@ def build_model(system, config: MapConfig) -> MolecularFlowMap:
     if config.torsion_drive:
         from .torsion_drive import build_torsion_drive
 
-        drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive)
+        drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive, config.torsion_drive_bins)
     return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config, drive)

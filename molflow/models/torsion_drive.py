@@ -33,9 +33,21 @@ E(3)-equivariant (a mirror image turns the other way) with no chirality referenc
 starts at zero: a drive added to a trained map leaves that map exactly as it was until training
 moves it (``molflow train --init-from base.pt --config drive.yaml`` with ``torsion_drive: 32`` and
 ``train_only: torsion_drive`` in the YAML).
+
+A **binned** drive (``torsion_drive_bins`` > 0) gives each torsion's turn an explicit law instead:
+the MLP, fed every input above but the latents, gives the logits of ``bins`` equal bins over
+[-w, w] rad (w = min(pi, 4.5 sqrt(tau / ps))), symmetrised so that a mirror image gets them in
+reverse order; the turn is the quantile Phi(zeta) of that piecewise-uniform law, monotone in zeta,
+and zeta comes from a latent vector of the drive's own (the network never sees it), whitened across
+the torsions, so the turns are drawn exactly from the law whose log-likelihood training fits
+(:meth:`TorsionDrive.log_prob`; ``molflow.training.drive_fit``). Measured on alanine dipeptide at
+0.5 ps (issue 17): the implicit drive, fitted by the energy score, put 1.1% of its phi turns beyond
+2 rad where MD has 0.26%, and free-running such turns carried the map from alpha_R past -pi about
+once per 100 jumps; the binned law's tails follow MD's (0.34%).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -48,6 +60,11 @@ from ..errors import InputError
 _N_INV_OWN = 6
 #: the torque feature is -dU/d delta / kT times this angle (rad): O(1) for backbone torsions
 TORQUE_SCALE_RAD = 0.1
+#: a binned drive's turns span +-(this) sqrt(tau / ps) rad, at most +-pi: wide enough for every recorded
+#: backbone turn of alanine dipeptide from 20 fs to 0.5 ps (none fell outside in 68000 cached items)
+BIN_HALF_WIDTH = 4.5
+#: where zeta sits among a torsion's own pseudo-scalar features (sin, network's change, torque, omega, zeta, b...)
+_ZETA = 4
 
 
 def rotating_side(bonds: np.ndarray, n_atoms: int, b: int, c: int) -> np.ndarray:
@@ -108,8 +125,11 @@ class TorsionDrive(nn.Module):
     """The learned strain-free torsion step (module docstring)."""
 
     def __init__(self, quads: np.ndarray, kinds: np.ndarray, partners: np.ndarray, sides: np.ndarray,
-                 n_coefficients: int, hidden: int):
+                 n_coefficients: int, hidden: int, bins: int = 0):
         super().__init__()
+        if bins < 0 or bins == 1:
+            raise InputError(f"torsion_drive_bins must be 0 (an implicit law) or at least 2, not {bins}")
+        self.bins = int(bins)
         Q = len(quads)
         if Q == 0:
             raise InputError("the torsion drive needs backbone phi/psi torsions; this molecule has none")
@@ -121,9 +141,11 @@ class TorsionDrive(nn.Module):
         self.n_coefficients = int(n_coefficients)
         n_pseudo_own = 5 + self.n_coefficients  # sin, the network's change, torque, omega, zeta, b_0..b_{N-1}
         n_in = 2 * (_N_INV_OWN + n_pseudo_own)
+        self.n_pseudo_own = n_pseudo_own
         self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
-        with torch.no_grad():  # start as the identity: a drive added to a trained map changes nothing
+                                 nn.Linear(hidden, self.bins or 1))
+        with torch.no_grad():  # an implicit drive starts as the identity (a drive added to a trained map
+            # changes nothing); a binned one as the uniform law over its bins
             self.mlp[-1].weight.zero_()
             self.mlp[-1].bias.zero_()
 
@@ -134,6 +156,56 @@ class TorsionDrive(nn.Module):
         (B, k, A, 3), tau (B,) ps, jump features t_feat (B, 3), the network's jumped positions x_jump
         (B, A, 3), the force-field forces at x (B, A, 3) kJ/mol/nm; sigma (A,) the velocity noise
         amplitude (nm/ps^1.5), kT kJ/mol."""
+        inv, pseudo = self.features(x, v, L, eps, tau, t_feat, masses, sigma, kT, x_jump, forces)
+        return self.delta(inv, pseudo, tau)
+
+    def delta(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """delta (..., Q) rad from the features of :meth:`features` (..., Q, n) and tau (...) ps: odd in
+        the pseudo-scalars, so a mirror image turns the other way. A binned drive turns by the
+        quantile Phi(zeta) of its law (:meth:`log_prob`), monotone in its latent zeta."""
+        if not self.bins:
+            h = self.mlp(torch.cat([inv, pseudo], -1)) - self.mlp(torch.cat([inv, -pseudo], -1))
+            return h[..., 0] * torch.sqrt(tau.clamp_min(0))[..., None]
+        prob = torch.softmax(self._logits(inv, pseudo), -1)
+        cdf = torch.cumsum(prob, -1)
+        u = torch.special.ndtr(pseudo[..., _ZETA])
+        j = torch.searchsorted(cdf.detach(), u.detach()[..., None].contiguous()).clamp(max=self.bins - 1)
+        below = torch.where(j > 0, cdf.gather(-1, (j - 1).clamp_min(0)), torch.zeros_like(j, dtype=cdf.dtype))
+        frac = ((u[..., None] - below) / prob.gather(-1, j).clamp_min(1e-12)).clamp(0, 1)
+        return (((j + frac) / self.bins) * 2 - 1)[..., 0] * self.half_width(tau)[..., None]
+
+    @staticmethod
+    def half_width(tau: torch.Tensor) -> torch.Tensor:
+        """A binned drive's turns lie in [-w, w] rad, w = min(pi, BIN_HALF_WIDTH * sqrt(tau / ps))."""
+        return (BIN_HALF_WIDTH * torch.sqrt(tau.clamp_min(1e-8))).clamp(max=torch.pi)
+
+    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """Bin logits (..., Q, bins) of a binned drive, from every input but the latents zeta (its own
+        and its partner's): a mirror image (pseudo-scalars negated) gets the bins in reverse order."""
+        keep = torch.ones(pseudo.shape[-1], dtype=pseudo.dtype, device=pseudo.device)
+        keep[_ZETA] = 0
+        keep[self.n_pseudo_own + _ZETA] = 0
+        p = pseudo * keep
+        return self.mlp(torch.cat([inv, p], -1)) + self.mlp(torch.cat([inv, -p], -1)).flip(-1)
+
+    def log_prob(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor,
+                 delta: torch.Tensor) -> torch.Tensor:
+        """Log density (..., Q) (per rad) of a binned drive's turn ``delta`` (..., Q) rad given the
+        features; a turn beyond the bins' range counts as the outermost bin."""
+        if not self.bins:
+            raise InputError("log_prob needs a binned torsion drive (torsion_drive_bins > 0)")
+        w = self.half_width(tau)[..., None]
+        j = torch.floor((delta / w + 1) / 2 * self.bins).clamp(0, self.bins - 1).long()
+        lp = torch.log_softmax(self._logits(inv, pseudo), -1).gather(-1, j[..., None])[..., 0]
+        return lp + math.log(self.bins) - torch.log(2 * w)
+
+    def features(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor,
+                 t_feat: torch.Tensor, masses: torch.Tensor, sigma: torch.Tensor, kT: float,
+                 x_jump: torch.Tensor, forces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drive's inputs per torsion, each with its partner's: (invariants (B, Q, 12), pseudo-scalars
+        (B, Q, 2 (5 + N))) (arguments as :meth:`angles`; module docstring). They depend on the frozen
+        map only through x_jump and eps, so a drive can be fitted on them alone
+        (:mod:`molflow.training.drive_fit`)."""
         q = self.quads
         theta, g = dihedral_and_gradient(x, q)  # (B,Q), (B,Q,4,3)
         moved = torch.remainder(dihedral_and_gradient(x_jump, q)[0] - theta + torch.pi, 2 * torch.pi) - torch.pi
@@ -151,15 +223,29 @@ class TorsionDrive(nn.Module):
         b = [project(L[:, n], sig) / (gs * l_sd[:, n, None]) for n in range(N)]
         zeta = project(eps[:, -1], torch.ones_like(m_inv)) / torch.sqrt(g2.sum(-1)).clamp_min(1e-12)
         B, Q = theta.shape
+        if self.bins:  # decorrelated: the torsions' latents are independent N(0, 1) (a binned law's source)
+            zeta = self._whiten(zeta, g, x.shape[1])
         inv_own = torch.cat([torch.cos(theta)[..., None], t_feat[:, None, :].expand(B, Q, 3),
                              self.kinds[None].expand(B, Q, 2)], -1)
         torque = self.torques(x, forces, masses) * (TORQUE_SCALE_RAD / kT)
         pseudo_own = torch.stack([torch.sin(theta), moved, torque, omega, zeta, *b], -1)
         p = self.partners
-        inv = torch.cat([inv_own, inv_own[:, p]], -1)
-        pseudo = torch.cat([pseudo_own, pseudo_own[:, p]], -1)
-        h = self.mlp(torch.cat([inv, pseudo], -1)) - self.mlp(torch.cat([inv, -pseudo], -1))
-        return h[..., 0] * torch.sqrt(tau.clamp_min(0))[:, None]
+        return torch.cat([inv_own, inv_own[:, p]], -1), torch.cat([pseudo_own, pseudo_own[:, p]], -1)
+
+    def _whiten(self, zeta: torch.Tensor, g: torch.Tensor, n_atoms: int) -> torch.Tensor:
+        """Make the torsions' latents (B, Q) independent: zeta_q = g_q . e / |g_q| for one standard
+        normal vector e has the correlation C = G G^T of the unit gradients G (B, Q, 3A); with C = K K^T
+        (Cholesky), K^-1 zeta is standard normal with identity covariance. C is unchanged by rotations
+        and mirrors, so the whitened latents still flip sign in a mirror."""
+        B, Q = zeta.shape
+        full = torch.zeros(B, Q, n_atoms, 3, dtype=g.dtype, device=g.device)
+        for q in range(Q):
+            full[:, q].index_add_(1, self.quads[q], g[:, q])
+        unit = full.reshape(B, Q, -1)
+        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        C = unit @ unit.transpose(1, 2)
+        K = torch.linalg.cholesky(C + 1e-9 * torch.eye(Q, dtype=C.dtype, device=C.device))
+        return torch.linalg.solve_triangular(K, zeta[..., None], upper=False)[..., 0]
 
     def _turn_field(self, x: torch.Tensor, j: int, masses: torch.Tensor):
         """(origin (B, 3), unit axis (B, 3), per-atom turn share (B, A)) of torsion j at x: a turn by
@@ -200,7 +286,7 @@ class TorsionDrive(nn.Module):
         return x, v
 
 
-def build_torsion_drive(system, n_coefficients: int, hidden: int) -> TorsionDrive:
+def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0) -> TorsionDrive:
     """The drive for a :class:`~molflow.systems.MolecularSystem`: its backbone phi and psi."""
     d = system.dihedral_indices()
     phi, psi = np.asarray(d["phi"]).reshape(-1, 4), np.asarray(d["psi"]).reshape(-1, 4)
@@ -210,4 +296,4 @@ def build_torsion_drive(system, n_coefficients: int, hidden: int) -> TorsionDriv
     partners = np.concatenate([np.arange(n) + n, np.arange(n)]).astype(int)
     sides = np.stack([rotating_side(system.bonds, system.n_atoms, int(q[1]), int(q[2])) for q in quads]) \
         if len(quads) else np.zeros((0, system.n_atoms), dtype=bool)
-    return TorsionDrive(quads, kinds, partners, sides.astype(float), n_coefficients, hidden)
+    return TorsionDrive(quads, kinds, partners, sides.astype(float), n_coefficients, hidden, bins)

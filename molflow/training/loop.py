@@ -80,6 +80,11 @@ class TrainConfig:
     init_from: str = ""  # fine-tuning: the checkpoint whose model and EMA weights this run started from
     train_only: str = ""  # "torsion_drive": optimise only the map's torsion drive, every other weight
     # frozen (a drive fine-tuned on a trained map; molflow.models.torsion_drive). "": all weights
+    drive_cache_items: int = 0  # > 0 (with train_only: torsion_drive): fit the drive on this many cached
+    # items of the frozen map (molflow.training.drive_fit) instead of the step loop; steps, batch_size, lr,
+    # lr_min_factor, input_noise_nm and validation_items then apply to that fit
+    drive_cache_draws: int = 4  # latent draws per cached item (the samples of its score)
+    drive_tau_max_share: float = 0.5  # share of cached items jumping tau_max (the rest: log-uniform lengths)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -133,6 +138,8 @@ class Trainer:
         self.model = build_model(system, map_config).to(device)
         if config.train_only not in ("", "torsion_drive"):
             raise InputError(f"train_only must be '' or 'torsion_drive', not {config.train_only!r}")
+        if config.drive_cache_items and config.train_only != "torsion_drive":
+            raise InputError("drive_cache_items needs train_only: torsion_drive (it fits a drive on a frozen map)")
         if config.train_only:
             if self.model.drive is None:
                 raise InputError("train_only: torsion_drive needs a map with a torsion drive (torsion_drive > 0)")
@@ -205,7 +212,7 @@ class Trainer:
 
     def _latent(self, B: int) -> torch.Tensor:
         """Fresh latents (B, k, A, 3), as the model's own ``sample_latent`` draws them."""
-        return self.randn(B, self.map_config.n_latent, self.system.n_atoms, 3)
+        return self.randn(B, self.model.n_latent_vectors, self.system.n_atoms, 3)
 
     def _as_state_map(self, model: torch.nn.Module):
         """The molecular map as the generic SSFM losses (molflow.flowmap) see a map: a state z = (x, v)
@@ -605,6 +612,8 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
             # the checkpoint's architecture; a torsion drive may be added to a map that has none
             added = int(given.get("torsion_drive", 0)) if not base_cfg.torsion_drive else 0
             map_cfg = dataclasses.replace(base_cfg, torsion_drive=added or base_cfg.torsion_drive)
+            if added:  # and the added drive's law
+                map_cfg = dataclasses.replace(map_cfg, torsion_drive_bins=int(given.get("torsion_drive_bins", 0)))
             if map_cfg.n_coefficients != frames.n_coefficients:
                 raise InputError(f"{init_from} takes N = {map_cfg.n_coefficients} path coefficients, "
                                  f"the data give {frames.n_coefficients}")
@@ -628,6 +637,13 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
               f"batch={cfg.batch_size}{' (defaults for this device)' if machine and not resume else ''} "
               f"h0={frames.h0_ps * 1000:g} fs tau_max={cfg.tau_max_ps} ps N={frames.n_coefficients}", file=sys.stderr)
     log_path = out.with_name(out.name + ".metrics.csv")
+    if cfg.drive_cache_items:
+        if ctx is not None:
+            raise InputError("a cached drive fit (drive_cache_items) runs in one process: leave --devices at 1")
+        if trainer.step < cfg.steps:
+            _fit_drive_cached(trainer, out, progress)
+            save_checkpoint(out, trainer.state())
+            _write_log(log_path, trainer.history)
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not (progress and main), desc="train",
                file=sys.stderr, dynamic_ncols=True)
     t0, step0 = time.perf_counter(), trainer.step
@@ -664,6 +680,46 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         if ctx is not None:
             distributed.undistribute(trainer)
     return out
+
+
+def _fit_drive_cached(trainer: "Trainer", out: Path, progress: bool) -> None:
+    """Fit the torsion drive of ``trainer.model`` on cached items of its frozen map
+    (:mod:`molflow.training.drive_fit`); the cache is kept beside ``out`` until the fit is done, so an
+    interrupted fit resumes without re-running the network; the EMA copy gets the fitted drive."""
+    from .drive_fit import DriveFitConfig, build_cache, fit_drive
+    from .objective import circular_std
+    from ..models.torsion_drive import dihedral_and_gradient
+
+    c, model = trainer.config, trainer.model
+    fc = DriveFitConfig(items=c.drive_cache_items, validation_items=c.validation_items, draws=c.drive_cache_draws,
+                        tau_max_share=c.drive_tau_max_share, steps=c.steps, batch_items=c.batch_size, lr=c.lr,
+                        lr_min_factor=c.lr_min_factor, input_noise_nm=c.input_noise_nm,
+                        crps_weight=c.torsion_weight or 1.0, seed=trainer.seed)
+    cached = ("items", "validation_items", "draws", "tau_max_share", "input_noise_nm", "chunk_items", "seed")
+    key = {**{k: v for k, v in fc.to_dict().items() if k in cached}, "tau_max_ps": c.tau_max_ps,
+           "h0_ps": trainer.data.h0_ps, "init_from": c.init_from, "data": [str(p) for p in trainer.data.paths]}
+    cache_path = out.with_name(out.name + ".drive_cache.pt")
+    caches = None
+    if cache_path.exists():
+        stored = torch.load(cache_path, weights_only=True)
+        if stored.get("key") == json.dumps(key, sort_keys=True):
+            caches = stored["train"], stored["val"]
+    if caches is None:
+        model.eval()
+        caches = (build_cache(model, trainer.data, fc, c.tau_max_ps, "train", progress=progress),
+                  build_cache(model, trainer.data, fc, c.tau_max_ps, "val", n_items=fc.validation_items,
+                              progress=progress))
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        torch.save({"key": json.dumps(key, sort_keys=True), "train": caches[0], "val": caches[1]}, tmp)
+        os.replace(tmp, cache_path)
+    x = torch.as_tensor(trainer.data.training_positions(20000), dtype=torch.float64)
+    spread = circular_std(dihedral_and_gradient(x, model.drive.quads.cpu())[0]).to(torch.float32)
+    model.train()
+    rows = fit_drive(model.drive, *caches, spread, fc, c.tau_max_ps, progress=progress)
+    trainer.ema.drive.load_state_dict(model.drive.state_dict())
+    trainer.history.extend(rows)
+    trainer.step = c.steps
+    cache_path.unlink()
 
 
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:

@@ -97,7 +97,7 @@ class WhitenedInternalScore:
         std = lambda t: t.std(0) if t.shape[-1] else t[0]  # noqa: E731  (no angles: an empty row)
         self.mu_b, self.sd_b = lengths.mean(0), std(lengths).clamp_min(1e-5)
         self.mu_a, self.sd_a = angles.mean(0), std(angles).clamp_min(1e-4)
-        self.sd_d = _circular_std(dih)
+        self.sd_d = circular_std(dih)
         self.crps_weight = float(crps_weight)
         self.torsion_weight = float(torsion_weight)
         self.torsions_only = bool(torsions_only)
@@ -141,9 +141,7 @@ class WhitenedInternalScore:
         lin_p, dih_p = lin_p.view(m, B, -1), dih_p.view(m, B, -1)
         i = self.torsion_index
         if self.torsions_only:
-            ep, et = _embed(dih_p[..., i], self.sd_d[i]), _embed(dih_t[..., i], self.sd_d[i])
-            return (energy_score(ep, et) / math.sqrt(ep.shape[-1])
-                    + (self.torsion_weight or 1.0) * self._torsion_crps(dih_p, dih_t))
+            return torsion_score(dih_p[..., i], dih_t[..., i], self.sd_d[i], self.torsion_weight or 1.0)
         joint_p = torch.cat([cart_pred, lin_p, _embed(dih_p, self.sd_d)], -1)
         joint_t = torch.cat([cart_target, lin_t, _embed(dih_t, self.sd_d)], -1)
         out = energy_score(joint_p, joint_t) / math.sqrt(joint_p.shape[-1])
@@ -160,12 +158,22 @@ class WhitenedInternalScore:
         return _crps(dih_p[..., i], dih_t[..., i], lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
 
 
+def torsion_score(pred: torch.Tensor, target: torch.Tensor, spread: torch.Tensor, crps_weight: float = 1.0) -> torch.Tensor:
+    """The ``torsion_crps`` score of m sampled torsion sets ``pred`` (m, B, Q) rad against ``target``
+    (B, Q) rad, each torsion in units of its ``spread`` (Q,) rad: the energy score of their (cos, sin) /
+    spread embedding (strictly proper for their joint law) plus ``crps_weight`` x their mean circular
+    CRPS -> (B,)."""
+    ep, et = _embed(pred, spread), _embed(target, spread)
+    crps = _crps(pred, target, lambda d: _wrap(d).abs() / spread).mean(-1)
+    return energy_score(ep, et) / math.sqrt(ep.shape[-1]) + crps_weight * crps
+
+
 def _embed(d: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
     """Angles (..., Q) as (cos, sin) / spread (..., 2Q): chord distances in units of each spread."""
     return torch.cat([torch.cos(d), torch.sin(d)], -1) / torch.cat([sd, sd])
 
 
-def _circular_std(a: torch.Tensor) -> torch.Tensor:
+def circular_std(a: torch.Tensor) -> torch.Tensor:
     """Circular standard deviation sqrt(-2 ln R) of angles (n, Q) over n, clamped to [0.05, pi] rad."""
     R = torch.stack([torch.cos(a).mean(0), torch.sin(a).mean(0)]).norm(dim=0)
     return torch.sqrt(-2 * torch.log(R.clamp(1e-12, 1.0))).clamp(0.05, math.pi)

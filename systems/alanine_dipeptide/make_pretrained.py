@@ -1,21 +1,22 @@
 """Make the pretrained alanine-dipeptide flow map shipped with molflow (``flowmap.pt`` beside this file).
 
-    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--finetune-steps 4500] [--resume]
+    python systems/alanine_dipeptide/make_pretrained.py --work DIR [--steps 45000] [--finetune-steps 6000] [--resume]
 
 Records the training data with ``molflow.simulate`` (two runs, 16 + 48 replicas x 100 ps = 6.4 ns,
 20 fs frames, N = 3 path coefficients, fixed seeds; reused when ``DIR`` already holds them), trains
 the map with ``molflow.train`` at tau_max = 0.5 ps in two phases (settings below, all recorded in
 the checkpoints; checkpointed every 500 steps, ``--resume`` continues the same schedule after an
-interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 adds a torsion drive
-to phase 1 (``init_from``, ``torsion_drive``; molflow.models.torsion_drive) and trains only the drive
-(``train_only``) on the backbone phi/psi law (``torsion_crps``): phase 1 alone kept the one-jump
-torsion steps 4-5x too narrow at 0.5 ps, and widening them through the Cartesian network (the
-previous phase 2, ``torsion_weight``) strained the atoms that define them, which the finish undid
-(README, issue 17). It then strips the
+interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 adds a binned torsion
+drive to phase 1 (``init_from``, ``torsion_drive``, ``torsion_drive_bins``;
+molflow.models.torsion_drive) and fits only the drive (``train_only``) to the backbone phi/psi
+turns by log-likelihood on cached items of the frozen phase-1 network (``drive_cache_items``;
+molflow.training.drive_fit): phase 1 alone kept the one-jump torsion steps 4-5x too narrow at 0.5
+ps, and widening them through the Cartesian network strained the atoms that define them, which the
+finish undid (README, issue 17). It then strips the
 optimiser state (the file only needs to sample), measures short free-running rollouts with the
 recommended physical finish and writes ``flowmap.json`` with the settings, timings, hardware and
 those measurements. Budget: at most 2 hours of wall clock on 2 CPU cores (the data take about 13
-minutes of one core each with 2 workers, phase 1 about 109 minutes on one thread, phase 2 about 9 on two).
+minutes of one core each with 2 workers, phase 1 about 109 minutes on one thread, phase 2 about 5 on two).
 ``molflow quickstart`` samples with this map; ``benchmarks/fidelity_cpu.py`` measures it.
 """
 from __future__ import annotations
@@ -42,15 +43,18 @@ TRAIN = dict(tau_max_ps=0.5, seed=7, n_features=32, n_layers=2, base="identity",
              config={"batch_size": 32, "objective": "whitened_crps", "input_noise_nm": 0.003,
                      "validate_every": 5000, "checkpoint_every": 500, "finish_steps": 20,
                      "finish_friction_per_ps": 300.0})
-# Phase 2 (issue 17): a torsion drive (hidden width 32) added to phase 1, only its weights trained,
-# on the backbone phi/psi law alone (torsion_crps), long jumps (90% of items), no semigroup term (the
-# drive needs the forces at each jump's start, unknown at a composed jump's midpoint), batch 128, lr
-# 3e-3. Chosen on probes from phase 1 (benchmarks/results/torsion_drive_probes_cpu.json).
+# Phase 2 (issue 17): a binned torsion drive (hidden width 64, 72 bins; molflow.models.torsion_drive)
+# added to phase 1, only its weights trained, fitted on cached items of the frozen phase-1 network
+# (drive_cache_items; molflow.training.drive_fit): 65536 items x 2 latent draws, half of them jumping
+# tau_max, then 6000 log-likelihood steps of 1024 items at lr 3e-3. Chosen on probes from phase 1
+# (benchmarks/results/torsion_drive_probes_cpu.json): an implicit drive trained through the step loop
+# (the previous phase 2) kept alpha_R at 0.10 (MD 0.41); fitted on the cache by the energy score it
+# reached 0.20 but its heavy phi tails carried it past -pi into alpha_L 3% of the time; the binned law
+# brought alpha_R to 0.40 and alpha_L to 0.7%.
 FINETUNE = dict(tau_max_ps=0.5, seed=11,
-                config={**TRAIN["config"], "torsion_drive": 32, "train_only": "torsion_drive",
-                        "objective": "torsion_crps", "torsion_weight": 1.0, "batch_size": 128, "lr": 3e-3,
-                        "curriculum_fraction": 0.0, "fraction_local": 0.1, "fraction_direct": 0.9,
-                        "fraction_semigroup": 0.0, "validate_every": 1000, "validation_items": 256,
+                config={**TRAIN["config"], "torsion_drive": 64, "torsion_drive_bins": 72, "train_only": "torsion_drive",
+                        "objective": "torsion_crps", "drive_cache_items": 65536, "drive_cache_draws": 2,
+                        "drive_tau_max_share": 0.5, "batch_size": 1024, "lr": 3e-3, "validation_items": 2048,
                         "finish_steps": 60, "finish_friction_per_ps": 100.0})
 PROBE_TAUS = (0.1, 0.5)
 # The finish recommended to samplers of the shipped map (sample_finish in the checkpoint): chosen by
@@ -70,7 +74,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=45000, help="phase-1 optimiser steps (default 45000)")
-    ap.add_argument("--finetune-steps", type=int, default=4500, help="phase-2 optimiser steps (default 4500; 0: none)")
+    ap.add_argument("--finetune-steps", type=int, default=6000, help="phase-2 optimiser steps (default 6000; 0: none)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", required=True, help="folder for the training data and the full checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted training run in --work")
@@ -100,7 +104,7 @@ def main() -> int:
         train_s = time.perf_counter() - t0
     tuned, tune_s = work / "model_drive.pt", None
     if args.finetune_steps and not (args.reuse and tuned.exists()):
-        torch.set_num_threads(os.cpu_count() or 1)  # phase 2's batches of 128 use both cores
+        torch.set_num_threads(os.cpu_count() or 1)  # phase 2's cache and fit use both cores
         t0 = time.perf_counter()
         resume = args.resume and tuned.exists()
         molflow.train("alanine_dipeptide", data=files, out=tuned, steps=args.finetune_steps, device=args.device,

@@ -199,7 +199,7 @@ def binned_drive_model(ala2):
 
     torch.manual_seed(1)
     m = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2,
-                                    torsion_drive=16, torsion_drive_bins=24)).double()
+                                    torsion_drive=16, torsion_drive_bins=24, torsion_drive_landscape=36)).double()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -205,9 +205,9 @@ def test_torsion_drive_fine_tune_moves_only_the_drive(data20fs, tmp_path):
               config={**quiet, "train_only": "torsion_drive"}, init_from=base, progress=False)
 
 
-@pytest.mark.parametrize("bins", [0, 24])
-def test_cached_drive_fit_moves_only_the_drive(data20fs, tmp_path, bins):
-    """``drive_cache_items`` fits the drive (implicit, or binned: ``torsion_drive_bins``) on cached
+@pytest.mark.parametrize("bins,landscape", [(0, 0), (24, 36)])
+def test_cached_drive_fit_moves_only_the_drive(data20fs, tmp_path, bins, landscape):
+    """``drive_cache_items`` fits the drive (implicit, or binned with a landscape) on cached
     items of the frozen map instead of the step loop: the drive moves, every other weight stays
     bit-identical, the EMA copy gets the same drive, the fit's history is recorded and its cache file
     is gone once the checkpoint is written; the map then samples."""
@@ -217,17 +217,20 @@ def test_cached_drive_fit_moves_only_the_drive(data20fs, tmp_path, bins):
     base = _small_base(data20fs, tmp_path, steps=2)
     tuned = tmp_path / "drive.pt"
     train("alanine_dipeptide", [str(data20fs)], tuned, tau_max_ps=0.1, steps=20, seed=2, device="cpu",
-          config={**quiet, "torsion_drive": 8, "torsion_drive_bins": bins, "train_only": "torsion_drive",
+          config={**quiet, "torsion_drive": 8, "torsion_drive_bins": bins, "torsion_drive_landscape": landscape,
+                  "train_only": "torsion_drive",
                   "objective": "torsion_crps", "drive_cache_items": 64, "validation_items": 32, "batch_size": 32,
                   "lr": 1e-2, "drive_cache_draws": 3}, init_from=base, progress=False)
     fm = molflow.FlowMap.load(tuned, device="cpu")
-    assert fm.model.config.torsion_drive_bins == bins
+    assert fm.model.config.torsion_drive_bins == bins and fm.model.config.torsion_drive_landscape == landscape
     out = fm.sample(molflow.sampling.start_states_from_run(str(data20fs), 2), n_jumps=2, tau_ps=0.1, seed=1, finish=0)
     assert np.isfinite(out["positions"]).all()
     a, b = torch.load(base, weights_only=True), torch.load(tuned, weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0)
     assert b["model"]["drive.mlp.4.weight"].abs().sum() > 0
+    if landscape:  # the learned landscape moved too
+        assert b["model"]["drive.landscape"].abs().sum() > 0
     for key in b["model"]:
         if key.startswith("drive."):
             torch.testing.assert_close(b["model"][key], b["ema"][key], atol=0, rtol=0)

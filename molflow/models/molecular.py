@@ -98,6 +98,8 @@ class MapConfig:
     # (molflow.models.torsion_drive; 0: none, the maps made before it)
     torsion_drive_bins: int = 0  # > 0: the drive draws each turn from a learned binned law with this many
     # bins and a latent vector of its own; 0: an implicit law (the turn a function of the map's last latent)
+    torsion_drive_landscape: int = 0  # > 0 (binned drives): the law also weighs each bin by a learned
+    # potential of mean force of its end angle, on a periodic grid of this many nodes; 0: none
     output_gain: float = 0.0  # > 0: a learned gain on the correction, starting at this value (measured
     # in issue 16: it slows short training without making it safer than the cap; off by default)
 
@@ -306,5 +308,6 @@ def build_model(system, config: MapConfig) -> MolecularFlowMap:
     if config.torsion_drive:
         from .torsion_drive import build_torsion_drive
 
-        drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive, config.torsion_drive_bins)
+        drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive, config.torsion_drive_bins,
+                                    config.torsion_drive_landscape)
     return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config, drive)

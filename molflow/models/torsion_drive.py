@@ -44,6 +44,14 @@ the torsions, so the turns are drawn exactly from the law whose log-likelihood t
 0.5 ps (issue 17): the implicit drive, fitted by the energy score, put 1.1% of its phi turns beyond
 2 rad where MD has 0.26%, and free-running such turns carried the map from alpha_R past -pi about
 once per 100 jumps; the binned law's tails follow MD's (0.34%).
+
+With a **landscape** (``torsion_drive_landscape`` > 0 nodes) the bin logits also subtract a learned
+potential of mean force (kT) of the torsion's end angle (the network's end angle plus the bin's
+turn), one periodic table per torsion kind (phi, psi). It is the L residue's: the angle is multiplied
+by the sign of the residue's CA centre (a pseudo-scalar, fed to the MLP too), so a mirror image sees
+the mirrored landscape and the map stays E(3)-equivariant; a residue without CB sees a flat one. A
+wall of the free-energy surface (phi past -pi) is then one learned fact instead of a cutoff the MLP
+must place anew for every start (measured on alanine dipeptide: README, issue 17).
 """
 from __future__ import annotations
 
@@ -125,11 +133,15 @@ class TorsionDrive(nn.Module):
     """The learned strain-free torsion step (module docstring)."""
 
     def __init__(self, quads: np.ndarray, kinds: np.ndarray, partners: np.ndarray, sides: np.ndarray,
-                 n_coefficients: int, hidden: int, bins: int = 0):
+                 n_coefficients: int, hidden: int, bins: int = 0, landscape: int = 0,
+                 centres: np.ndarray | None = None):
         super().__init__()
         if bins < 0 or bins == 1:
             raise InputError(f"torsion_drive_bins must be 0 (an implicit law) or at least 2, not {bins}")
+        if landscape and (not bins or landscape < 4):
+            raise InputError("torsion_drive_landscape needs a binned drive (torsion_drive_bins > 0) and at least 4 nodes")
         self.bins = int(bins)
+        self.n_landscape = int(landscape)
         Q = len(quads)
         if Q == 0:
             raise InputError("the torsion drive needs backbone phi/psi torsions; this molecule has none")
@@ -140,6 +152,12 @@ class TorsionDrive(nn.Module):
         self.register_buffer("sides", torch.as_tensor(np.asarray(sides), dtype=dtype), persistent=False)  # (Q, A)
         self.n_coefficients = int(n_coefficients)
         n_pseudo_own = 5 + self.n_coefficients  # sin, the network's change, torque, omega, zeta, b_0..b_{N-1}
+        if self.n_landscape:  # + the residue's chirality (the landscape is the L residue's, mirrored for D)
+            n_pseudo_own += 1
+            c = np.asarray(centres if centres is not None else -np.ones((Q, 4)), dtype=np.int64).reshape(Q, 4)
+            self.register_buffer("centres", torch.as_tensor(c), persistent=False)  # (N, CA, C, CB) per torsion
+            # a learned potential of mean force (kT) of each torsion kind's end angle, on a periodic grid
+            self.landscape = nn.Parameter(torch.zeros(2, self.n_landscape, dtype=torch.get_default_dtype()))
         n_in = 2 * (_N_INV_OWN + n_pseudo_own)
         self.n_pseudo_own = n_pseudo_own
         self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -166,7 +184,7 @@ class TorsionDrive(nn.Module):
         if not self.bins:
             h = self.mlp(torch.cat([inv, pseudo], -1)) - self.mlp(torch.cat([inv, -pseudo], -1))
             return h[..., 0] * torch.sqrt(tau.clamp_min(0))[..., None]
-        prob = torch.softmax(self._logits(inv, pseudo), -1)
+        prob = torch.softmax(self._logits(inv, pseudo, tau), -1)
         cdf = torch.cumsum(prob, -1)
         u = torch.special.ndtr(pseudo[..., _ZETA])
         j = torch.searchsorted(cdf.detach(), u.detach()[..., None].contiguous()).clamp(max=self.bins - 1)
@@ -179,14 +197,34 @@ class TorsionDrive(nn.Module):
         """A binned drive's turns lie in [-w, w] rad, w = min(pi, BIN_HALF_WIDTH * sqrt(tau / ps))."""
         return (BIN_HALF_WIDTH * torch.sqrt(tau.clamp_min(1e-8))).clamp(max=torch.pi)
 
-    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Bin logits (..., Q, bins) of a binned drive, from every input but the latents zeta (its own
-        and its partner's): a mirror image (pseudo-scalars negated) gets the bins in reverse order."""
+        and its partner's): a mirror image (pseudo-scalars negated) gets the bins in reverse order.
+        With a landscape, minus the learned potential of mean force (kT) at each bin's end angle."""
         keep = torch.ones(pseudo.shape[-1], dtype=pseudo.dtype, device=pseudo.device)
         keep[_ZETA] = 0
         keep[self.n_pseudo_own + _ZETA] = 0
         p = pseudo * keep
-        return self.mlp(torch.cat([inv, p], -1)) + self.mlp(torch.cat([inv, -p], -1)).flip(-1)
+        logits = self.mlp(torch.cat([inv, p], -1)) + self.mlp(torch.cat([inv, -p], -1)).flip(-1)
+        if not self.n_landscape:
+            return logits
+        # the network's end angle (start angle + its change) and the chirality, both mirror-odd
+        theta_net = torch.atan2(pseudo[..., 0], inv[..., 0]) + pseudo[..., 1]
+        chi = pseudo[..., self.n_pseudo_own - 1]
+        mid = (torch.arange(self.bins, device=p.device, dtype=p.dtype) + 0.5) / self.bins * 2 - 1
+        end = chi[..., None] * (theta_net[..., None] + mid * self.half_width(tau)[..., None, None])
+        return logits - self._pmf(end)
+
+    def _pmf(self, angle: torch.Tensor) -> torch.Tensor:
+        """The landscape (kT) of each torsion's kind at angles (..., Q, m) rad (periodic linear
+        interpolation on its grid); an achiral residue (chi = 0) sees a constant."""
+        n = self.n_landscape
+        pos = torch.remainder(angle + torch.pi, 2 * torch.pi) / (2 * torch.pi) * n
+        i0 = pos.floor().long().clamp(0, n - 1)
+        frac = pos - pos.floor()
+        table = (self.kinds @ self.landscape).to(angle.dtype).reshape(-1)  # (Q n): phi's or psi's row per torsion
+        row = (torch.arange(self.kinds.shape[0], device=angle.device) * n)[:, None]  # (Q, 1)
+        return table[row + i0] * (1 - frac) + table[row + (i0 + 1) % n] * frac
 
     def log_prob(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor,
                  delta: torch.Tensor) -> torch.Tensor:
@@ -196,7 +234,7 @@ class TorsionDrive(nn.Module):
             raise InputError("log_prob needs a binned torsion drive (torsion_drive_bins > 0)")
         w = self.half_width(tau)[..., None]
         j = torch.floor((delta / w + 1) / 2 * self.bins).clamp(0, self.bins - 1).long()
-        lp = torch.log_softmax(self._logits(inv, pseudo), -1).gather(-1, j[..., None])[..., 0]
+        lp = torch.log_softmax(self._logits(inv, pseudo, tau), -1).gather(-1, j[..., None])[..., 0]
         return lp + math.log(self.bins) - torch.log(2 * w)
 
     def features(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor,
@@ -228,9 +266,19 @@ class TorsionDrive(nn.Module):
         inv_own = torch.cat([torch.cos(theta)[..., None], t_feat[:, None, :].expand(B, Q, 3),
                              self.kinds[None].expand(B, Q, 2)], -1)
         torque = self.torques(x, forces, masses) * (TORQUE_SCALE_RAD / kT)
-        pseudo_own = torch.stack([torch.sin(theta), moved, torque, omega, zeta, *b], -1)
+        extra = [self._chirality(x)] if self.n_landscape else []
+        pseudo_own = torch.stack([torch.sin(theta), moved, torque, omega, zeta, *b, *extra], -1)
         p = self.partners
         return torch.cat([inv_own, inv_own[:, p]], -1), torch.cat([pseudo_own, pseudo_own[:, p]], -1)
+
+    def _chirality(self, x: torch.Tensor) -> torch.Tensor:
+        """Sign (B, Q) of each torsion's residue's CA centre, (N - CA) . ((C - CA) x (CB - CA)): a
+        pseudo-scalar, +1 for an L residue as built by OpenMM's templates; 0 without a CB (glycine)."""
+        c = self.centres
+        has = (c[:, 3] >= 0).to(x.dtype)
+        n, ca, cc, cb = (x[:, c[:, k].clamp_min(0)] for k in range(4))
+        t = ((n - ca) * torch.cross(cc - ca, cb - ca, dim=-1)).sum(-1)
+        return torch.sign(t) * has
 
     def _whiten(self, zeta: torch.Tensor, g: torch.Tensor, n_atoms: int) -> torch.Tensor:
         """Make the torsions' latents (B, Q) independent: zeta_q = g_q . e / |g_q| for one standard
@@ -286,7 +334,24 @@ class TorsionDrive(nn.Module):
         return x, v
 
 
-def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0) -> TorsionDrive:
+def _centres(system, quads: np.ndarray, n_phi: int) -> np.ndarray:
+    """(N, CA, C, CB) atom indices (Q, 4) of each torsion's residue (CB: CA's heaviest neighbour
+    other than N and C, -1 if it has none heavier than hydrogen)."""
+    nbr = [[] for _ in range(system.n_atoms)]
+    for i, j in np.asarray(system.bonds, dtype=int).reshape(-1, 2):
+        nbr[i].append(j)
+        nbr[j].append(i)
+    out = []
+    for k, q in enumerate(quads):
+        n, ca, c = (q[1], q[2], q[3]) if k < n_phi else (q[0], q[1], q[2])
+        others = [a for a in nbr[ca] if a not in (n, c) and system.masses_amu[a] > 2.0]
+        cb = max(others, key=lambda a: system.masses_amu[a]) if others else -1
+        out.append([n, ca, c, cb])
+    return np.asarray(out, dtype=np.int64).reshape(-1, 4)
+
+
+def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0,
+                        landscape: int = 0) -> TorsionDrive:
     """The drive for a :class:`~molflow.systems.MolecularSystem`: its backbone phi and psi."""
     d = system.dihedral_indices()
     phi, psi = np.asarray(d["phi"]).reshape(-1, 4), np.asarray(d["psi"]).reshape(-1, 4)
@@ -296,4 +361,5 @@ def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0)
     partners = np.concatenate([np.arange(n) + n, np.arange(n)]).astype(int)
     sides = np.stack([rotating_side(system.bonds, system.n_atoms, int(q[1]), int(q[2])) for q in quads]) \
         if len(quads) else np.zeros((0, system.n_atoms), dtype=bool)
-    return TorsionDrive(quads, kinds, partners, sides.astype(float), n_coefficients, hidden, bins)
+    return TorsionDrive(quads, kinds, partners, sides.astype(float), n_coefficients, hidden, bins, landscape,
+                        _centres(system, quads, n) if landscape else None)

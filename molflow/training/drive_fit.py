@@ -163,11 +163,11 @@ def edge_drift(drive, cache: dict[str, torch.Tensor], tau_ps: float, edge_rad: f
 def fit_drive(drive, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], spread: torch.Tensor,
               cfg: DriveFitConfig, tau_max_ps: float, progress: bool = True,
               log_every: int = 500) -> list[dict[str, float]]:
-    """Train ``drive``'s MLP in place on the cache ``train`` (Adam, warm-up + cosine LR); returns the
+    """Train ``drive``'s weights in place on the cache ``train`` (Adam, warm-up + cosine LR); returns the
     history rows (step, train score, validation score, beta-edge drift on ``val`` at ``tau_max_ps``)."""
     from tqdm.auto import tqdm
 
-    params = list(drive.mlp.parameters())
+    params = list(drive.parameters())  # the MLP, and a binned drive's landscape
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.steps, cfg.lr_min_factor))
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -613,7 +613,8 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
             added = int(given.get("torsion_drive", 0)) if not base_cfg.torsion_drive else 0
             map_cfg = dataclasses.replace(base_cfg, torsion_drive=added or base_cfg.torsion_drive)
             if added:  # and the added drive's law
-                map_cfg = dataclasses.replace(map_cfg, torsion_drive_bins=int(given.get("torsion_drive_bins", 0)))
+                map_cfg = dataclasses.replace(map_cfg, torsion_drive_bins=int(given.get("torsion_drive_bins", 0)),
+                                              torsion_drive_landscape=int(given.get("torsion_drive_landscape", 0)))
             if map_cfg.n_coefficients != frames.n_coefficients:
                 raise InputError(f"{init_from} takes N = {map_cfg.n_coefficients} path coefficients, "
                                  f"the data give {frames.n_coefficients}")

@@ -50,9 +50,11 @@ TRAIN = dict(tau_max_ps=0.5, seed=7, n_features=32, n_layers=2, base="identity",
 # (benchmarks/results/torsion_drive_probes_cpu.json): an implicit drive trained through the step loop
 # (the previous phase 2) kept alpha_R at 0.10 (MD 0.41); fitted on the cache by the energy score it
 # reached 0.20 but its heavy phi tails carried it past -pi into alpha_L 3% of the time; the binned law
-# brought alpha_R to 0.40 and alpha_L to 0.7%.
+# brought alpha_R to 0.40 and alpha_L to 0.7% (probe b1); a learned landscape of the end angle (72
+# nodes) prices the wall past -pi once for all starts (README, issue 17).
 FINETUNE = dict(tau_max_ps=0.5, seed=11,
-                config={**TRAIN["config"], "torsion_drive": 64, "torsion_drive_bins": 72, "train_only": "torsion_drive",
+                config={**TRAIN["config"], "torsion_drive": 64, "torsion_drive_bins": 72, "torsion_drive_landscape": 72,
+                        "train_only": "torsion_drive",
                         "objective": "torsion_crps", "drive_cache_items": 65536, "drive_cache_draws": 2,
                         "drive_tau_max_share": 0.5, "batch_size": 1024, "lr": 3e-3, "validation_items": 2048,
                         "finish_steps": 60, "finish_friction_per_ps": 100.0})

@@ -259,7 +259,7 @@ def test_torsion_drive_turn_is_strain_free(ala2):
     """Turning by delta changes exactly the driven torsion by delta and no bond length or angle, keeps
     the kinetic energy and the angular momentum about the bond (inertia split)."""
     from molflow.models.torsion_drive import build_torsion_drive, dihedral_and_gradient
-    from molflow.training.objective import InternalCoordinates, _dihedral, _wrap
+    from molflow.training.objective import InternalCoordinates, _dihedral, wrap
 
     g = torch.Generator().manual_seed(3)
     x = torch.as_tensor(ala2.positions_nm, dtype=torch.float64).expand(2, -1, -1) + 0.01 * torch.randn(2, 22, 3, generator=g, dtype=torch.float64)
@@ -274,7 +274,7 @@ def test_torsion_drive_turn_is_strain_free(ala2):
     m = torch.as_tensor(ala2.masses_amu, dtype=torch.float64)
     delta = torch.tensor([[0.3, -0.7], [-1.1, 0.4]], dtype=torch.float64)
     x2, v2 = drive.turn(x, v, delta, m)
-    torch.testing.assert_close(_wrap(_dihedral(x2, q) - theta), delta)
+    torch.testing.assert_close(wrap(_dihedral(x2, q) - theta), delta)
     ic = InternalCoordinates(ala2.bonds, 22)
     for before, after in zip(ic(x)[:2], ic(x2)[:2]):
         torch.testing.assert_close(after, before, atol=1e-12, rtol=0)

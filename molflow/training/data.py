@@ -174,7 +174,8 @@ class FrameData:
         if np.any(f < 0) or np.any(f + k >= self.frames[r]):
             raise IndexError(f"a jump of {k} frames runs past the end of its trajectory")
         files = self._open()
-        datasets = [(h5["positions"], h5["velocities"], h5["brownian"], h5["forces"]) for h5 in files]
+        datasets = [(h5["positions"], h5["velocities"], h5["brownian"], h5["forces"] if self.read_forces else None)
+                    for h5 in files]
         B, A, N = len(r), self.n_atoms, self.n_coefficients
         keys = ("x0", "v0", "x1", "v1", "f0") if self.read_forces else ("x0", "v0", "x1", "v1")
         out = {key: np.empty((B, A, 3), np.float32) for key in keys}

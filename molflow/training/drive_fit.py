@@ -33,7 +33,7 @@ import torch
 from ..errors import InputError
 from ..flowmap import warmup_cosine
 from ..models.torsion_drive import dihedral_and_gradient
-from .objective import torsion_score
+from .objective import torsion_score, wrap
 
 #: phi below this (rad) is the beta basin's edge in the drift diagnostic (benchmarks/one_jump_torsions.py)
 EDGE_RAD = -2.5
@@ -116,10 +116,6 @@ def build_cache(model, data, cfg: DriveFitConfig, tau_max_ps: float, split: str 
     return {k: (v[:, :n_items] if k in ("inv", "pseudo", "theta_net") else v[:n_items]) for k, v in cat.items()}
 
 
-def _wrap(a: torch.Tensor) -> torch.Tensor:
-    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
-
-
 def drive_score(drive, cache: dict[str, torch.Tensor], idx: torch.Tensor, spread: torch.Tensor,
                 crps_weight: float = 1.0) -> torch.Tensor:
     """Mean score of the drive on cached items ``idx`` (differentiable): for a binned drive the
@@ -129,7 +125,7 @@ def drive_score(drive, cache: dict[str, torch.Tensor], idx: torch.Tensor, spread
     tau = cache["tau"][idx]
     D = cache["inv"].shape[0]
     if drive.bins:
-        need = _wrap(cache["theta_md"][idx][None] - cache["theta_net"][:, idx])
+        need = wrap(cache["theta_md"][idx][None] - cache["theta_net"][:, idx])
         return -drive.log_prob(cache["inv"][:, idx], cache["pseudo"][:, idx], tau[None].expand(D, -1), need).mean()
     delta = drive.delta(cache["inv"][:, idx], cache["pseudo"][:, idx], tau[None].expand(D, -1))
     return torsion_score(cache["theta_net"][:, idx] + delta, cache["theta_md"][idx], spread, crps_weight).mean()
@@ -149,7 +145,7 @@ def edge_drift(drive, cache: dict[str, torch.Tensor], tau_ps: float, edge_rad: f
     phi0 = cache["theta0"][idx, 0]
 
     def stats(end):  # end (..., n) phi after the jump
-        d = _wrap(end - phi0)
+        d = wrap(end - phi0)
         return float(d.mean()), float(((phi0 + d) < -math.pi).float().mean())
 
     md = stats(cache["theta_md"][idx, 0])

@@ -77,7 +77,8 @@ class InternalCoordinates:
         return lengths, _angle(x, self.angles), _dihedral(x, self.dihedrals)
 
 
-def _wrap(a: torch.Tensor) -> torch.Tensor:
+def wrap(a: torch.Tensor) -> torch.Tensor:
+    """Angles (rad) wrapped into [-pi, pi)."""
     return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
@@ -155,7 +156,7 @@ class WhitenedInternalScore:
     def _torsion_crps(self, dih_p: torch.Tensor, dih_t: torch.Tensor) -> torch.Tensor:
         """The scored backbone torsions' circular CRPS, each in units of its spread, mean over them (B,)."""
         i = self.torsion_index
-        return _crps(dih_p[..., i], dih_t[..., i], lambda d: _wrap(d).abs() / self.sd_d[i]).mean(-1)
+        return _circular_crps(dih_p[..., i], dih_t[..., i], self.sd_d[i])
 
 
 def torsion_score(pred: torch.Tensor, target: torch.Tensor, spread: torch.Tensor, crps_weight: float = 1.0) -> torch.Tensor:
@@ -164,8 +165,13 @@ def torsion_score(pred: torch.Tensor, target: torch.Tensor, spread: torch.Tensor
     spread embedding (strictly proper for their joint law) plus ``crps_weight`` x their mean circular
     CRPS -> (B,)."""
     ep, et = _embed(pred, spread), _embed(target, spread)
-    crps = _crps(pred, target, lambda d: _wrap(d).abs() / spread).mean(-1)
-    return energy_score(ep, et) / math.sqrt(ep.shape[-1]) + crps_weight * crps
+    return energy_score(ep, et) / math.sqrt(ep.shape[-1]) + crps_weight * _circular_crps(pred, target, spread)
+
+
+def _circular_crps(pred: torch.Tensor, target: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """Mean over torsions of the circular CRPS of ``pred`` (m, B, Q) against ``target`` (B, Q) rad, each
+    in units of its ``spread`` (Q,) rad -> (B,)."""
+    return _crps(pred, target, lambda d: wrap(d).abs() / spread).mean(-1)
 
 
 def _embed(d: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -189,5 +195,5 @@ def _crps(p: torch.Tensor, t: torch.Tensor, dist) -> torch.Tensor:
 def _crps_mean(lin_p, lin_t, ang_p, ang_t, ang_scale) -> torch.Tensor:
     """Mean over coordinates of the unbiased per-coordinate CRPS; angles with the wrapped distance / scale."""
     lin = _crps(lin_p, lin_t, torch.abs)
-    ang = _crps(ang_p, ang_t, lambda d: _wrap(d).abs() / ang_scale)
+    ang = _crps(ang_p, ang_t, lambda d: wrap(d).abs() / ang_scale)
     return torch.cat([lin, ang], -1).mean(-1)

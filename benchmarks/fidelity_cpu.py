@@ -8,9 +8,9 @@ not in git: ``molflow simulate alanine_dipeptide --replicas 8 --time-ps 12500 --
 --out ref_100fs.h5``). Its replicas are split as the evaluator splits them (DESIGN.md 7): the
 first half H is held out, the second half J judges; the noise floor is H against J.
 
-For each lever (``--levers``: name:finish_steps:finish_friction_per_ps[:hold_torsions], e.g.
-``finish20:20:300``, ``nofinish:0:300`` or ``hold60:60:100:1000``, the last holding backbone phi/psi
-during the finish at 1000 kJ/mol/rad^2) the map runs ``--replicas`` free-running rollouts of ``--time-ns`` ns each
+For each lever (``--levers``: name:finish_steps:finish_friction_per_ps[:hold=K][:dt=FS], e.g.
+``finish20:20:300``, ``nofinish:0:300``, ``hold60:60:100:hold=1000`` (backbone phi/psi held during the
+finish at 1000 kJ/mol/rad^2) or ``dt2:40:100:dt=2:settle=10`` (30 finish steps of 2 fs, then 10 of 1 fs)) the map runs ``--replicas`` free-running rollouts of ``--time-ns`` ns each
 at ``--tau-ps`` (one network evaluation per jump) from reference states; the first ``--burn-ps``
 are dropped. Rows at tau = 2 x ``--tau-ps`` are the same rollouts read every second jump (composed
 jumps: two evaluations per 2 tau). Metrics against J (noise floor H against J in the same units):
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--burn-ps", type=float, default=20.0)
     ap.add_argument("--lag-ps", type=float, default=5.0, help="MSM lag for the implied timescale (default 5 ps)")
     ap.add_argument("--levers", default="finish60:60:100,finish40:40:100,finish20:20:300,vdraw:1:1000000,nofinish:0:300",
-                    help="name:finish_steps:friction_per_ps[:hold_torsions kJ/mol/rad^2], comma-separated (vdraw: one step at a friction so high "
+                    help="name:finish_steps:friction_per_ps[:hold=K kJ/mol/rad^2][:dt=FS fs][:settle=K steps at 1 fs][:sg=settle friction 1/ps], comma-separated (vdraw: one step at a friction so high "
                          "that it only redraws the velocities: the map's positions with physically drawn velocities)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="reuse finished rollout files in --work")
@@ -132,9 +132,14 @@ def main(argv=None) -> int:
     burn = int(round(args.burn_ps / args.tau_ps))
     rows = []
     for item in args.levers.split(","):
-        name, steps, friction, *hold = item.split(":")
-        fin = FinishConfig(n_steps=int(steps), friction_per_ps=float(friction),
-                           hold_torsions=float(hold[0]) if hold else 0.0)
+        name, steps, friction, *extra = item.split(":")
+        opts = {"hold_torsions": 0.0, "timestep_fs": 1.0, "settle_steps": 0}
+        for e in extra:  # a bare number is the torsion hold; key=value sets hold=, dt= (fs) or settle= (steps)
+            key, _, val = e.rpartition("=")
+            key = {"": "hold_torsions", "hold": "hold_torsions", "dt": "timestep_fs", "settle": "settle_steps",
+                   "sg": "settle_friction_per_ps"}[key]
+            opts[key] = int(val) if key == "settle_steps" else float(val)
+        fin = FinishConfig(n_steps=int(steps), friction_per_ps=float(friction), **opts)
         path = work / f"rollout_{name}_tau{args.tau_ps:g}.h5"
         if not (args.reuse and path.with_suffix(".cpu.json").exists()):
             c0, w0 = time.process_time(), time.perf_counter()
@@ -157,6 +162,7 @@ def main(argv=None) -> int:
         smp = smp.subset(frames=slice(burn, None))
         sim_ns = args.replicas * n_jumps * args.tau_ps / 1000.0  # every replica, restarts included in the cost
         row = {"lever": name, "finish_steps": fin.n_steps, "finish_friction_per_ps": fin.friction_per_ps, "finish_hold_torsions_kj_mol_rad2": fin.hold_torsions,
+               "finish_timestep_fs": fin.timestep_fs, "finish_settle_steps": fin.settle_steps, "finish_settle_friction_per_ps": fin.settle_friction,
                "tau_ps": args.tau_ps, "evaluations_per_jump": 1, "replicas": args.replicas, "jumps": n_jumps,
                "restarts": int(np.sum(smp.attrs.get("restarts_per_replica", 0))),
                "stopped": int(np.sum(np.asarray(smp.attrs.get("stopped_at_jump", [-1])) >= 0)),

@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finish-hold-torsions", type=float, metavar="K",
                    help="hold backbone phi/psi at the jump's values during the finish with a harmonic restraint "
                         "of K kJ/mol/rad^2 (default: what the checkpoint recommends; 0: free)")
+    p.add_argument("--finish-timestep-fs", type=float, metavar="FS",
+                   help="step of the finish's bulk steps, fs (default 1 with --finish-steps, else the checkpoint's)")
+    p.add_argument("--finish-settle-steps", type=int, metavar="K",
+                   help="the finish's last K steps run at 1 fs, so velocities read as the reference MD's "
+                        "(default 0 with --finish-steps, else the checkpoint's)")
     p.add_argument("--extrapolate", action="store_true",
                    help="allow --tau-ps above the longest jump the model was trained for")
     mode = p.add_mutually_exclusive_group()
@@ -402,22 +407,20 @@ def _sample(args) -> int:
         attrs = {"start_from": f"minimised {fm.system.name} with Maxwell-Boltzmann velocities"}
     jumps = int(jumps or 100)
     finish = None  # the checkpoint's recommendation
-    if (args.finish_steps is not None or recorded.get("finish_steps") is not None
-            or args.finish_hold_torsions is not None):
+    overrides = {k: v for k, v in (("hold_torsions", args.finish_hold_torsions), ("timestep_fs", args.finish_timestep_fs),
+                                   ("settle_steps", args.finish_settle_steps)) if v is not None}
+    if args.finish_steps is not None or recorded.get("finish_steps") is not None or overrides:
+        import dataclasses
+
         from .finish import FinishConfig
 
         if args.finish_steps is not None:
-            steps, friction, hold = args.finish_steps, args.finish_friction_per_ps, 0.0
-        elif recorded.get("finish_steps") is not None:
-            steps, friction = int(recorded["finish_steps"]), float(
-                recorded.get("finish_friction_per_ps", args.finish_friction_per_ps))
-            hold = float(recorded.get("finish_hold_torsions_kj_mol_rad2", 0.0))
-        else:  # only the hold is set: the checkpoint's finish with it
-            base = fm.default_finish()
-            steps, friction, hold = base.n_steps, base.friction_per_ps, base.hold_torsions
-        if args.finish_hold_torsions is not None:
-            hold = args.finish_hold_torsions
-        finish = FinishConfig(n_steps=steps, friction_per_ps=friction, hold_torsions=hold)
+            finish = FinishConfig(n_steps=args.finish_steps, friction_per_ps=args.finish_friction_per_ps)
+        elif recorded.get("finish_steps") is not None:  # a resumed run keeps its finish
+            finish = FinishConfig.from_attrs(recorded)
+        else:  # only some settings given: the checkpoint's finish with them
+            finish = fm.default_finish()
+        finish = dataclasses.replace(finish, **overrides)
     if not args.quiet:
         print(f"molflow sample: model={args.model} tau={tau:g} ps mode={mode} pathwise={args.pathwise} "
               f"replicas={len(x0)} jumps={jumps} seed={seed} device={fm.device}", file=sys.stderr)

@@ -33,7 +33,17 @@ from .md.integrator import state_array
 
 @dataclasses.dataclass(frozen=True)
 class FinishConfig:
-    """``n_steps`` Langevin steps (0: no finish) of ``timestep_fs`` at ``friction_per_ps`` (1/ps).
+    """``n_steps`` Langevin steps (0: no finish) at ``friction_per_ps`` (1/ps): the first
+    ``n_steps - settle_steps`` of ``timestep_fs`` (fs), the last ``settle_steps`` of
+    ``settle_timestep_fs`` (fs).
+
+    Longer bulk steps buy the same relaxation time (ps) for fewer force evaluations: at high friction
+    BAOAB stays stable up to ~2/omega of the stiffest mode (C-H bonds: ~3.5 fs) and samples a harmonic
+    mode's configurations exactly at any stable step. Its on-step velocities, though, read colder the
+    longer the step (measured on alanine dipeptide: 276 K at 2 fs against 294 K at 1 fs), so a few
+    closing steps at the reference MD's own step (1 fs) give the velocities that MD's law back: the
+    kinetic energy keeps a share exp(-2 gamma t) of the bulk steps' deficit, so the settle steps may
+    run at a friction of their own (``settle_friction_per_ps``; 300/ps: e^-6 after 10 fs).
 
     ``hold_torsions`` > 0 (kJ/mol/rad^2) adds, during the finish only, a harmonic restraint holding every
     backbone phi and psi at the value the jump produced: the finish then re-thermalises bonds and angles
@@ -44,22 +54,54 @@ class FinishConfig:
     friction_per_ps: float = 300.0
     timestep_fs: float = 1.0
     hold_torsions: float = 0.0  # kJ/mol/rad^2: hold backbone phi/psi at the jump's values (0: free)
+    settle_steps: int = 0
+    settle_timestep_fs: float = 1.0
+    settle_friction_per_ps: float | None = None  # 1/ps; None: friction_per_ps
 
     def __post_init__(self):
         if int(self.n_steps) != self.n_steps or self.n_steps < 0:
             raise InputError(f"finish steps must be a whole number >= 0, not {self.n_steps!r}")
-        if self.n_steps and (self.friction_per_ps <= 0 or self.timestep_fs <= 0):
-            raise InputError("finish friction (1/ps) and timestep (fs) must be positive")
+        if int(self.settle_steps) != self.settle_steps or not 0 <= self.settle_steps <= self.n_steps:
+            raise InputError(f"finish settle steps must be a whole number in [0, {self.n_steps}], "
+                             f"not {self.settle_steps!r}")
+        if self.n_steps and (min(self.friction_per_ps, self.timestep_fs, self.settle_timestep_fs, self.settle_friction) <= 0):
+            raise InputError("finish frictions (1/ps) and timesteps (fs) must be positive")
         if self.hold_torsions < 0:
             raise InputError("finish torsion hold (kJ/mol/rad^2) must be >= 0")
 
     @property
     def duration_ps(self) -> float:
-        return self.n_steps * self.timestep_fs / 1000.0
+        return ((self.n_steps - self.settle_steps) * self.timestep_fs + self.settle_steps * self.settle_timestep_fs) / 1000.0
+
+    @property
+    def settle_friction(self) -> float:
+        """Friction of the settle steps (1/ps)."""
+        return self.friction_per_ps if self.settle_friction_per_ps is None else float(self.settle_friction_per_ps)
+
+    def segments(self) -> list[tuple[int, float, float]]:
+        """[(steps, timestep in ps, friction in 1/ps)] in the order they run (empty segments left out)."""
+        seg = [(int(self.n_steps - self.settle_steps), self.timestep_fs / 1000.0, float(self.friction_per_ps)),
+               (int(self.settle_steps), self.settle_timestep_fs / 1000.0, self.settle_friction)]
+        return [s for s in seg if s[0]]
 
     def to_attrs(self) -> dict[str, Any]:
         return {"finish_steps": int(self.n_steps), "finish_friction_per_ps": float(self.friction_per_ps),
-                "finish_timestep_fs": float(self.timestep_fs), "finish_hold_torsions_kj_mol_rad2": float(self.hold_torsions)}
+                "finish_timestep_fs": float(self.timestep_fs), "finish_hold_torsions_kj_mol_rad2": float(self.hold_torsions),
+                "finish_settle_steps": int(self.settle_steps), "finish_settle_timestep_fs": float(self.settle_timestep_fs),
+                "finish_settle_friction_per_ps": self.settle_friction}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "FinishConfig":
+        """The finish a sampled run's attributes (:meth:`to_attrs`) record (absent fields: defaults)."""
+        keys = {"finish_steps": "n_steps", "finish_friction_per_ps": "friction_per_ps",
+                "finish_timestep_fs": "timestep_fs", "finish_hold_torsions_kj_mol_rad2": "hold_torsions",
+                "finish_settle_steps": "settle_steps", "finish_settle_timestep_fs": "settle_timestep_fs",
+                "finish_settle_friction_per_ps": "settle_friction_per_ps"}
+        kw = {v: attrs[k] for k, v in keys.items() if attrs.get(k) is not None}
+        for k in ("n_steps", "settle_steps"):
+            if k in kw:
+                kw[k] = int(kw[k])
+        return cls(**kw)
 
 
 MAX_STEPS_PER_CALL = 10
@@ -71,13 +113,17 @@ class LangevinFinish:
     normals.
 
     Merged kicks, as in the recording engine (:mod:`molflow.md.integrator`): the context's velocity
-    holds u = v + dt/2 f/m, and one BAOAB step is two per-DOF computations,
-    x <- x + dt/2 (1 + a) u + dt/2 b sqrt(kT/m) xi and u <- a u + b sqrt(kT/m) xi + dt f(x)/m
-    (a = exp(-gamma dt), b = sqrt(1 - a^2)); one half-kick opens the finish and one closes it.
-    Algebraically the BAOAB step; OpenMM's Reference ``CustomIntegrator`` costs per per-DOF
-    computation and per per-DOF variable, so the noise goes in ``MAX_STEPS_PER_CALL`` steps at a
-    time (measured once: 3.3 against 4.4 ms per replica for 60 steps, against this class at commit
-    05d3652 with one variable per step, in one process).
+    holds u = v + h/2 f/m, and one BAOAB step of size h is two per-DOF computations,
+    x <- x + h/2 (1 + a) u + h/2 b sqrt(kT/m) xi and u <- a u + b sqrt(kT/m) xi + hk f(x)/m
+    (a = exp(-gamma h), b = sqrt(1 - a^2)), where hk = h inside a stretch of equal steps, (h + h')/2
+    where the step changes to h' (the settle steps), and h/2 after the last step (the closing
+    half-kick: on-step velocities); one half-kick opens the finish. Algebraically the BAOAB step;
+    OpenMM's Reference ``CustomIntegrator`` costs per per-DOF computation and per per-DOF variable, so
+    the noise goes in up to ``MAX_STEPS_PER_CALL`` steps at a time (measured once: 3.3 against 4.4 ms
+    per replica for 60 steps, against one variable per step, in one process). The last call also
+    leaves the forces at the final positions in ``xi0`` (one per-DOF copy instead of another force
+    evaluation): ``return_forces=True`` hands them out (a torsion-drive map needs them for its next
+    jump).
     """
 
     def __init__(self, system, config: FinishConfig, platform: str = "Reference"):
@@ -85,13 +131,13 @@ class LangevinFinish:
 
         self.config = config
         self.system = system
-        n, dt = int(config.n_steps), config.timestep_fs / 1000.0
-        self.per_call = max(m for m in range(1, MAX_STEPS_PER_CALL + 1) if n % m == 0) if n else 1
-        a = float(np.exp(-config.friction_per_ps * dt))
-        b = float(np.sqrt(-np.expm1(-2.0 * config.friction_per_ps * dt)))
-        integ = openmm.CustomIntegrator(dt * self.per_call)
-        for name, value in (("h", dt), ("a", a), ("b", b), ("c", 0.5 * dt * (1.0 + a)), ("bh", 0.5 * dt * b),
-                            ("kT", float(system.kT_kj_mol)), ("first", 1.0), ("last", 1.0)):
+        seg = config.segments()
+        g = int(np.gcd.reduce([n for n, _, _ in seg])) if seg else 1
+        self.per_call = max(m for m in range(1, MAX_STEPS_PER_CALL + 1) if g % m == 0)
+        integ = openmm.CustomIntegrator(seg[0][1] * self.per_call if seg else 0.001)  # OpenMM's own dt: unused
+        for name in ("h", "a", "b", "c", "bh", "hk"):
+            integ.addGlobalVariable(name, 0.0)
+        for name, value in (("kT", float(system.kT_kj_mol)), ("first", 1.0), ("last", 1.0)):
             integ.addGlobalVariable(name, value)
         for j in range(self.per_call):
             integ.addPerDofVariable(f"xi{j}", 0.0)
@@ -100,11 +146,13 @@ class LangevinFinish:
         integ.endBlock()
         for j in range(self.per_call):
             integ.addComputePerDof("x", f"x + c*v + bh*sqrt(kT/m)*xi{j}")
-            integ.addComputePerDof("v", f"a*v + b*sqrt(kT/m)*xi{j} + h*f/m")
-        integ.beginIfBlock("last > 0")  # the closing half-kick: u -> on-step v
-        integ.addComputePerDof("v", "v - 0.5*h*f/m")
+            integ.addComputePerDof("v", f"a*v + b*sqrt(kT/m)*xi{j} + {'hk' if j == self.per_call - 1 else 'h'}*f/m")
+        integ.beginIfBlock("last > 0")  # the forces at the final positions, for the caller
+        integ.addComputePerDof("xi0", "f")
         integ.endBlock()
         self.integrator = integ
+        # the calls' (step size ps, friction 1/ps), in order
+        self.call_h = [(dt, gamma) for n, dt, gamma in seg for _ in range(n // self.per_call)]
         omm = system.create_system("nocutoff")
         self.hold = np.zeros((0, 4), dtype=int)
         if config.hold_torsions > 0:
@@ -121,13 +169,29 @@ class LangevinFinish:
     def noise_shape(self, replicas: int) -> tuple[int, ...]:
         return (int(replicas), int(self.config.n_steps), self.system.n_atoms, 3)
 
-    def __call__(self, x: np.ndarray, v: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Finish each replica: x (R, A, 3) nm, v (R, A, 3) nm/ps, noise (R, n_steps, A, 3) -> (x, v).
-        Non-finite replicas are passed through untouched (the sampler's guard handles them)."""
+    def _set_step(self, h: float, gamma: float, h_next: float) -> None:
+        """Step size h (ps) and friction gamma (1/ps) of this call's substeps; the next call's step
+        h_next (0: the finish ends)."""
+        integ = self.integrator
+        a = float(np.exp(-gamma * h))
+        b = float(np.sqrt(-np.expm1(-2.0 * gamma * h)))
+        for name, value in (("h", h), ("a", a), ("b", b), ("c", 0.5 * h * (1.0 + a)), ("bh", 0.5 * h * b),
+                            ("hk", 0.5 * (h + h_next))):
+            integ.setGlobalVariableByName(name, value)
+
+    def __call__(self, x: np.ndarray, v: np.ndarray, noise: np.ndarray, return_forces: bool = False):
+        """Finish each replica: x (R, A, 3) nm, v (R, A, 3) nm/ps, noise (R, n_steps, A, 3) -> (x, v),
+        or (x, v, forces (R, A, 3) kJ/mol/nm at the final x) with ``return_forces``.
+        Non-finite replicas are passed through untouched (their forces: NaN); the sampler's guard
+        handles them."""
         if self.config.n_steps == 0:
+            if return_forces:
+                raise InputError("a finish of 0 steps computes no forces")
             return x, v
         xo, vo = np.array(x, dtype=np.float64), np.array(v, dtype=np.float64)
-        M, calls = self.per_call, self.config.n_steps // self.per_call
+        fo = np.full_like(xo, np.nan)
+        M, hs = self.per_call, self.call_h
+        calls = len(hs)
         integ = self.integrator
         for r in range(len(x)):
             if not (np.isfinite(xo[r]).all() and np.isfinite(vo[r]).all()):
@@ -137,7 +201,12 @@ class LangevinFinish:
             if len(self.hold):
                 for i, t in enumerate(np.atleast_1d(dihedral_angles(xo[r], self.hold))):
                     self.context.setParameter(f"t0_{i}", float(t))
+            prev = None
             for c in range(calls):
+                step = (*hs[c], hs[c + 1][0] if c + 1 < calls else 0.0)
+                if step != prev:
+                    self._set_step(*step)
+                    prev = step
                 for j in range(M):
                     integ.setPerDofVariableByName(f"xi{j}", noise[r, c * M + j])
                 integ.setGlobalVariableByName("first", 1.0 if c == 0 else 0.0)
@@ -146,5 +215,6 @@ class LangevinFinish:
             st = self.context.getState(getPositions=True, getVelocities=True)
             xo[r] = state_array(st, "positions")
             vo[r] = state_array(st, "velocities")
-        return xo, vo
-
+            if return_forces:
+                fo[r] = np.array(integ.getPerDofVariableByName("xi0"), dtype=np.float64)
+        return (xo, vo, fo) if return_forces else (xo, vo)

@@ -337,6 +337,7 @@ class _Rollout:
         self.last_failure = ""  # what the guard saw last (named in the error when every replica stops)
         self.bonds = np.asarray(fm.system.bonds, dtype=int).reshape(-1, 2)
         self.bond_ref = self._bond_lengths(x0).mean(0)
+        self._forces: tuple[np.ndarray, np.ndarray] | None = None  # (states, force-field forces there) from the last finish
 
     def _bond_lengths(self, x: np.ndarray) -> np.ndarray:
         b = self.bonds
@@ -350,25 +351,33 @@ class _Rollout:
                                 n_steps=self.n_steps, dt_ps=self.tau / self.n_steps)
         return np.moveaxis(L, 0, 1).astype(np.float32)
 
-    def _jump(self, x: np.ndarray, v: np.ndarray, L: np.ndarray, gen: torch.Generator, rng: np.random.Generator):
-        """Network jump (batched) then the finish; the finish's noise comes from ``rng``."""
+    def _jump(self, x: np.ndarray, v: np.ndarray, L: np.ndarray, gen: torch.Generator, rng: np.random.Generator,
+              f: np.ndarray | None = None):
+        """Network jump (batched) then the finish; the finish's noise comes from ``rng``. ``f``: the
+        force-field forces at x when known (a torsion-drive map needs them; else computed). Returns
+        (x', v', forces at x' or None): the finish leaves its final forces behind."""
         fm = self.fm
         outx, outv = [], []
         for s in range(0, len(x), self.batch_size):
             sl = slice(s, s + self.batch_size)
             t = [torch.as_tensor(a[sl], dtype=torch.float32, device=fm.device) for a in (x, v, L)]
-            xt, vt = fm.jump(*t, self.tau, self.mode, gen)
+            forces = None
+            if fm.model.needs_forces:  # at the float64 state, as the finish leaves them
+                forces = torch.as_tensor(fm.forces(x[sl]) if f is None else f[sl], dtype=torch.float32, device=fm.device)
+            xt, vt = fm.jump(*t, self.tau, self.mode, gen, forces=forces)
             outx.append(xt.double().cpu().numpy())
             outv.append(vt.double().cpu().numpy())
         xn, vn = np.concatenate(outx), np.concatenate(outv)
+        fn = None
         if self.finish is not None:
             noise = rng.standard_normal(self.finish.noise_shape(len(x)))
             # bonds and angles are harmonic in the force field, so the finish also repairs a stretched
             # bond; only non-finite states are kept from it (the guard after it judges the result)
             ok = np.isfinite(xn).all(axis=(1, 2)) & np.isfinite(vn).all(axis=(1, 2))
+            fn = np.full_like(xn, np.nan)
             if ok.any():
-                xn[ok], vn[ok] = self.finish(xn[ok], vn[ok], noise[ok])
-        return xn, vn
+                xn[ok], vn[ok], fn[ok] = self.finish(xn[ok], vn[ok], noise[ok], return_forces=True)
+        return xn, vn, fn
 
     def _failures(self, x: np.ndarray, v: np.ndarray) -> list[str]:
         """Per replica: '' when healthy, else what the guard saw (which guard, which bond)."""
@@ -410,7 +419,9 @@ class _Rollout:
         R = len(x)
         rng, gen, frng = self._rngs(k)
         L = self._coefficients(k, rng, R, np.arange(R))
-        xn, vn = self._jump(x, v, L, gen, frng)
+        # forces at x, when the last finish left them for exactly these states
+        f = self._forces[1] if self._forces is not None and np.array_equal(self._forces[0], x, equal_nan=True) else None
+        xn, vn, fn = self._jump(x, v, L, gen, frng, f)
         running = self.stopped_at < 0
         fails = self._failures(xn, vn)
         for i in np.nonzero(np.array([bool(f) for f in fails]) & running)[0]:
@@ -419,16 +430,19 @@ class _Rollout:
                 self.restarts[i] += 1
                 rng_i, gen_i, frng_i = self._rngs(k, int(i), retry)
                 Li = self._coefficients(k, rng_i, 1, np.array([i]))
-                xi, vi = self._jump(x[i:i + 1], v[i:i + 1], Li, gen_i, frng_i)
+                xi, vi, fi = self._jump(x[i:i + 1], v[i:i + 1], Li, gen_i, frng_i, None if f is None else f[i:i + 1])
                 why = self._failures(xi, vi)[0]
                 if not why:
                     xn[i], vn[i], L[i] = xi[0], vi[0], Li[0]
+                    if fn is not None:
+                        fn[i] = fi[0]
                     break
             else:
                 self.stopped_at[i] = k + 1
                 self.last_failure = f"replica {i} at jump {k + 1}: {why}"
                 xn[i] = vn[i] = np.nan
         xn[~running] = vn[~running] = np.nan
+        self._forces = None if fn is None else (xn.copy(), fn)
         if (self.stopped_at >= 0).all():
             fm = self.fm
             tmax = fm.tau_max_ps
@@ -521,8 +535,9 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
                                                            np.isclose(a.get(k, np.nan), attrs[k]))]
                 if diffs:
                     raise InputError(f"cannot resume {out}: settings differ ({'; '.join(diffs)})")
-                x0 = np.asarray(old.positions[:, -1], dtype=np.float64)
-                v0 = np.asarray(old.velocities[:, -1], dtype=np.float64)
+                exact = old.exact_state()  # full precision where kept (the float32 frame otherwise)
+                x0, v0 = exact if exact is not None else (np.asarray(old.positions[:, -1], dtype=np.float64),
+                                                          np.asarray(old.velocities[:, -1], dtype=np.float64))
                 done = n_old - 1
                 wall0 = float(a.get("wall_clock_s", 0.0))
                 rollout.restarts = np.asarray(a.get("restarts_per_replica", [0] * R), dtype=np.int64)
@@ -559,6 +574,7 @@ def _sample_to_file(fm: FlowMap, rollout: _Rollout, x0: np.ndarray, v0: np.ndarr
             writer.append(np.array(buf["t"]), np.stack(buf["x"], 1).astype(np.float32),
                           np.stack(buf["v"], 1).astype(np.float32), np.stack(buf["L"], 1),
                           wall_clock_s=wall0 + time.perf_counter() - t_start, **counts)
+            writer.set_exact_state(buf["x"][-1], buf["v"][-1])
             for key in buf:
                 buf[key].clear()
         # also with no frame pending: a run that ends with every replica stopped records its last restarts

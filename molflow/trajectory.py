@@ -9,6 +9,10 @@ Datasets (R replicas, F frames, A atoms, N coefficients)::
     brownian           (R, F-1, N, A, 3)   float32  sqrt(ps): L^(0..N-1) of each frame interval
     time               (F,)                float64  ps
 
+A sampled run (whose state between jumps is float64) also keeps ``exact_state`` (2, R, A, 3) float64:
+the positions and velocities of its last complete frame at full precision (attribute
+``exact_state_frame`` says which frame), so ``--resume`` continues bit for bit.
+
 Files are written chunk by chunk and flushed after every chunk; the attribute ``n_frames``
 is raised only after a chunk is complete, so a reader (and ``--resume``) trusts the first
 ``n_frames`` frames even when the writer was killed mid-chunk. No SWMR / ``libver='latest'``:
@@ -125,6 +129,14 @@ class Trajectory:
         """Number of complete frames (frames of a chunk being written are not counted)."""
         n = int(self._file.attrs.get("n_frames", 0))
         return min([n] + [self._file[k].shape[1] for k in ("positions", "velocities") if k in self._file])
+
+    def exact_state(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(positions nm, velocities nm/ps), each (R, A, 3) float64, of the last complete frame at full
+        precision, when the file keeps them for that frame (sampled runs); else None."""
+        if "exact_state" not in self._file or int(self._file.attrs.get("exact_state_frame", -1)) != self.n_frames - 1:
+            return None
+        st = np.asarray(self._file["exact_state"], dtype=np.float64)
+        return st[0], st[1]
 
     @property
     def n_replicas(self) -> int:
@@ -341,6 +353,20 @@ class TrajectoryWriter:
             f.attrs[key] = value
         f.attrs["n_frames"] = n0 + k
         f.flush()  # ... then the count that makes it visible
+
+    def set_exact_state(self, positions: np.ndarray, velocities: np.ndarray) -> None:
+        """Keep the last complete frame's positions and velocities (R, A, 3) at full precision (float64),
+        for an exact resume; call right after :meth:`append`. Written before the frame index that
+        validates it, so a crash in between leaves the float32 frame to resume from."""
+        f = self._file
+        st = np.stack([positions, velocities]).astype(np.float64)
+        if "exact_state" not in f:
+            f.create_dataset("exact_state", data=st)
+        else:
+            f["exact_state"][...] = st
+        f.flush()
+        f.attrs["exact_state_frame"] = self.n_frames - 1
+        f.flush()
 
     def close(self) -> None:
         if self._file.id.valid:

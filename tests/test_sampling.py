@@ -181,3 +181,28 @@ def test_cli_sample_and_pathwise_evaluation(files, tmp_path):
     # free-running samples against the same reference: no pathwise row, with the reason
     m2 = molflow.evaluate(run, free, tmp_path / "r2", progress=False)
     assert m2["pathwise"]["value"] is None and "free-running" in m2["pathwise"]["reason"]
+
+
+def test_shipped_map_reuses_the_finish_forces_and_resumes_exactly(tmp_path, monkeypatch):
+    """The shipped map has a torsion drive (it needs the force-field forces at each jump's start) and
+    a finish (which ends with exactly those forces). After the first jump the sampler takes them
+    from the finish instead of evaluating the force field again; a run resumed from its file (whose
+    first jump evaluates them) must then equal an uncut run bit for bit."""
+    from molflow.quickstart import pretrained_map
+    from molflow.sampling import start_states_from_system
+
+    fm = FlowMap.load(pretrained_map(), device="cpu")
+    assert fm.model.needs_forces and fm.default_finish().n_steps > 0
+    x0, v0 = start_states_from_system(fm.system, 3, seed=2)
+    calls = []
+    evaluate = fm.forces
+    monkeypatch.setattr(fm, "forces", lambda p: (calls.append(len(p)), evaluate(p))[1])
+    full = fm.sample((x0, v0), n_jumps=4, tau_ps=0.5, seed=9, out=tmp_path / "full.h5")
+    assert calls == [3]  # the first jump only (restarts reuse the cached forces too)
+    part = tmp_path / "part.h5"
+    fm.sample((x0, v0), n_jumps=2, tau_ps=0.5, seed=9, out=part).close()
+    resumed = fm.sample((x0, v0), n_jumps=4, tau_ps=0.5, seed=9, out=part, resume=True)
+    np.testing.assert_array_equal(np.asarray(resumed.positions), np.asarray(full.positions))
+    np.testing.assert_array_equal(np.asarray(resumed.velocities), np.asarray(full.velocities))
+    full.close()
+    resumed.close()

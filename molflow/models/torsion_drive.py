@@ -298,7 +298,11 @@ class TorsionDrive(nn.Module):
         unit = full.reshape(B, Q, -1)
         unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         C = unit @ unit.transpose(1, 2)
-        K = torch.linalg.cholesky(C + 1e-9 * torch.eye(Q, dtype=C.dtype, device=C.device))
+        eye = torch.eye(Q, dtype=C.dtype, device=C.device)
+        K, info = torch.linalg.cholesky_ex(C + 1e-9 * eye)
+        # a degenerate geometry (collinear atoms: zero gradient) or a non-finite state gives no factor:
+        # keep those latents unwhitened rather than fail the whole batch (the sampler's guard judges them)
+        K = torch.where((info != 0)[:, None, None], eye, K)
         return torch.linalg.solve_triangular(K, zeta[..., None], upper=False)[..., 0]
 
     def _turn_field(self, x: torch.Tensor, j: int, masses: torch.Tensor):

@@ -206,3 +206,26 @@ def test_shipped_map_reuses_the_finish_forces_and_resumes_exactly(tmp_path, monk
     np.testing.assert_array_equal(np.asarray(resumed.velocities), np.asarray(full.velocities))
     full.close()
     resumed.close()
+
+
+def test_a_non_finite_replica_does_not_fail_the_batch():
+    """The torsion drive whitens each molecule's latents with a Cholesky factor; a replica with
+    non-finite coordinates (a stopped replica is carried as NaN) has none, and once failed the whole
+    batch: every later jump of the run. It must come out non-finite, while every other replica of the
+    batch jumps exactly as it would beside a healthy one."""
+    from molflow.quickstart import pretrained_map
+    from molflow.sampling import start_states_from_system
+
+    fm = FlowMap.load(pretrained_map(), device="cpu")
+    x0, v0 = start_states_from_system(fm.system, 2, seed=4)
+    x, v = (torch.as_tensor(a, dtype=torch.float32) for a in (x0, v0))
+    L = 0.3 * torch.randn(2, fm.n_coefficients, fm.system.n_atoms, 3, generator=torch.Generator().manual_seed(0))
+    forces = torch.as_tensor(fm.forces(x0), dtype=torch.float32)
+    good = fm.jump(x, v, L, 0.5, generator=torch.Generator().manual_seed(1), forces=forces)
+    x_bad, f_bad = x.clone(), forces.clone()
+    x_bad[1] = float("nan")  # as a stopped replica is carried
+    f_bad[1] = float("nan")
+    out = fm.jump(x_bad, v, L, 0.5, generator=torch.Generator().manual_seed(1), forces=f_bad)
+    assert not torch.isfinite(out[0][1]).all()
+    torch.testing.assert_close(out[0][0], good[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1][0], good[1][0], rtol=0, atol=0)

@@ -3,11 +3,17 @@
 Times, per 1-fs step of alanine dipeptide on OpenMM's Reference platform (thread CPU time, best of
 ``--repeats``): stock ``LangevinMiddleIntegrator``; a bare force evaluation (a ``CustomIntegrator``
 that moves x and reads f); one per-DOF computation with a constant, with ``gaussian``, and with
-13 extra per-DOF variables present; molflow's recording integrator at N = 0 and 3 coefficients with
-M = 1, 5, 10 substeps per call; the CPU platform (one thread) for stock and N = 3. The point: a
-Reference ``CustomIntegrator`` per-DOF computation costs about the same whatever its expression, and
-a recording BAOAB step needs three of them (draw xi; x; v: one Gaussian feeds two updates and must be
-kept for the coefficients), so the recording engine's floor is the force plus ~3 computations.
+13 extra per-DOF variables present; molflow's recording integrator with OpenMM's Gaussians (the GPU
+program) at N = 0 and 3 coefficients with M = 1, 5, 10 substeps per call, and at N = 3, M = 10 with
+the coefficients read once per 100-step frame as the engine does; the host-noise program (the
+engine's CPU/Reference program: numpy draws each frame's Gaussians, sets M per-DOF variables before
+each call and applies the coefficient weights once per frame) at N = 3, M = 10 with 100- and 20-step
+frames; the CPU platform (one thread) for stock and the OpenMM-noise program. The point: a Reference
+``CustomIntegrator`` per-DOF computation costs about the same whatever its expression, so with
+OpenMM's Gaussians a recording BAOAB step needs three of them (draw xi; x; v: one Gaussian feeds two
+updates and must be kept for the coefficients) plus the accumulators, and with host noise two, for
+the price of setting one (P, 3) array and drawing P·3 normals in numpy per step. The cases run one
+after another (not interleaved): on a shared machine compare ratios from ``md_throughput.py``.
 
     python benchmarks/integrator_profile.py --out benchmarks/results/integrator_profile_cpu.json
 """
@@ -29,7 +35,8 @@ def main(argv=None) -> int:
 
     import molflow
     from molflow.md.engine import cpu_description, minimise, platform_object, platform_properties
-    from molflow.md.integrator import recording_integrator
+    from molflow.brownian import legendre_step_weights
+    from molflow.md.integrator import HostNoise, read_coefficients, recording_integrator
     from molflow.md.stock import time_call
     from molflow.systems import load_system
 
@@ -42,6 +49,20 @@ def main(argv=None) -> int:
         c.setPositions(x0)
         c.setVelocitiesToTemperature(mol.temperature_K, 3)
         return c
+
+    def host_noise_runner(integ, K, N):
+        """Steps in whole frames of K: draw the frame's Gaussians, run them, apply the coefficient weights."""
+        noise, w = HostNoise(integ, mol.n_atoms), legendre_step_weights(N, K, mol.timestep_fs / 1000.0)
+        noise.select(5, 0, 0, 2)
+        frame = [0]
+
+        def run(steps):
+            for _ in range(-(-steps // K)):
+                xi = noise.draw(frame[0], K)
+                frame[0] += 1
+                noise.run(xi)
+                w @ xi.reshape(K, -1)
+        return run
 
     def custom(*ops, extra_vars=0):
         ci = openmm.CustomIntegrator(mol.timestep_fs / 1000.0)
@@ -62,13 +83,26 @@ def main(argv=None) -> int:
     for N in (0, 3):
         for M in (1, 5, 10):
             cases[f"recording N={N}, M={M}"] = (recording_integrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs, 100, N, 5, substeps=M), M, "Reference")
+    # what the engine pays per frame on top with OpenMM's noise: reading the N accumulators
+    integ = recording_integrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs, 100, 3, 5, substeps=10)
+    cases["recording N=3, M=10, coefficients read per 100-step frame"] = (
+        integ, 10, "Reference", lambda steps, integ=integ: [(integ.step(10), read_coefficients(integ, 3))
+                                                            for _ in range(steps // 100)])
+    # host noise (the engine's CPU/Reference program): the two per-DOF computations per step, the M
+    # Gaussian arrays set before each call, and per frame of K steps the numpy draws and the coefficients
+    for K in (100, 20):
+        integ = recording_integrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs, K, 3, 5, substeps=10,
+                                     host_noise=True)
+        cases[f"recording N=3, host noise, M=10, {K}-step frames"] = (integ, 10, "Reference",
+                                                                      host_noise_runner(integ, K, 3))
     cases["stock, CPU platform (1 thread)"] = (openmm.LangevinMiddleIntegrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs / 1000.0), 1, "CPU")
     cases["recording N=3, M=10, CPU platform (1 thread)"] = (recording_integrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs, 100, 3, 5, substeps=10), 10, "CPU")
-    contexts = {name: context(integ, plat) for name, (integ, _, plat) in cases.items()}
+    contexts = {name: context(integ, plat) for name, (integ, _, plat, *_) in cases.items()}
     rows = []
-    for name, (integ, M, plat) in cases.items():
-        integ.step(max(1, 100 // M))
-        us = min(time_call(lambda: integ.step(n // M))[0] for _ in range(args.repeats)) / n * 1e6
+    for name, (integ, M, plat, *runner) in cases.items():
+        run = runner[0] if runner else (lambda steps, integ=integ, M=M: integ.step(steps // M))
+        run(100)
+        us = min(time_call(lambda: run(n))[0] for _ in range(args.repeats)) / n * 1e6
         rows.append({"case": name, "platform": plat, "us_per_step_cpu": us})
         print(f"{name:62s} {us:7.1f} us/step", flush=True)
     del contexts

@@ -10,7 +10,10 @@ HDF5 writing excluded) at N = 0, 3, 8. They run interleaved, ``--rounds`` rounds
 ``--frames`` frames each in alternating order; per round the ratio stock time / molflow time is
 taken, and the table reports medians: us per step by thread CPU time (the machine's other core
 may be busy; the CPU time of one thread is what "per core" means) and by wall clock.
-Target (issue 18): N = 3 at >= 0.8x stock's steps per second.
+Target (issue 18): N = 3 at >= 0.8x stock's steps per second. On CPU platforms the engine draws the
+per-step Gaussians in numpy (host noise, :func:`molflow.md.engine.host_noise_for`); ``--openmm-noise 3``
+adds an N = 3 row with OpenMM drawing them and accumulating the coefficients (the GPU program), in
+the same interleaved rounds.
 
 Part 2: for R = 1, 8, 64, 512, 2048 replicas of alanine dipeptide on every OpenMM platform present, with
 and without coefficient recording (N = 3 vs 0), it runs the real engine (`molflow.simulate`, the
@@ -38,7 +41,7 @@ import numpy as np
 
 import molflow
 from molflow.md.engine import (GPU_PLATFORMS, Group, GroupStart, RunSpec, available_platforms, cpu_description,
-                               hardware_description, minimise, plan_layout, resolve_platform)
+                               hardware_description, host_noise_for, minimise, plan_layout, resolve_platform)
 from molflow.md.multicopy import default_cutoff_nm
 from molflow.md.stock import stock_context, stock_speed, time_call
 from molflow.systems import load_system
@@ -67,8 +70,11 @@ def run_one(platform: str, replicas: int, time_ps: float, n_coefficients: int, w
             "ns_per_day_per_replica": rate / replicas, "wall_s_total": wall}
 
 
-def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 8)) -> dict:
-    """Part 1 (module docstring): interleaved stock OpenMM vs molflow's engine, per core."""
+def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 8), openmm_noise_n=()) -> dict:
+    """Part 1 (module docstring): interleaved stock OpenMM vs molflow's engine, per core.
+
+    ``openmm_noise_n``: N values also run with OpenMM drawing the Gaussians and accumulating the
+    coefficients (the GPU program) instead of the engine's choice for this platform."""
     mol = load_system("alanine_dipeptide")
     x0 = minimise(mol)
     K = int(round(frame_fs / mol.timestep_fs))
@@ -85,17 +91,18 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
     # molflow's engine exactly as `molflow simulate` plans one replica on this machine
     platform, cpc = plan_layout(mol, 1, "auto", resolve_platform("auto"), None, os.cpu_count() or 1)
     ours, groups = {}, {}
-    for n in n_values:
+    for n, noise in [(n, None) for n in n_values] + [(n, "openmm") for n in openmm_noise_n]:
         spec = RunSpec(pdb_text=mol.pdb_text, forcefield=tuple(mol.forcefield_files), name=mol.name,
                        temperature_K=mol.temperature_K, friction_per_ps=mol.friction_per_ps,
                        timestep_fs=mol.timestep_fs, steps_per_frame=K, n_coefficients=n, platform=platform,
                        threads=1, deterministic=False, cutoff_nm=default_cutoff_nm(mol.positions_nm), seed=11,
                        equilibration_steps=1000, start_positions_nm=x0)
-        g = Group(spec, 0, cpc, mol)
+        g = Group(spec, 0, cpc, mol, host_noise=False if noise == "openmm" else None)
         g.start(GroupStart("fresh"))
-        groups[n] = g
+        name = f"molflow N={n}" + (", openmm noise" if noise else "")
+        groups[name] = g
         gen = g.run(10 ** 9)
-        ours[f"molflow N={n}"] = lambda gen=gen: [next(gen) for _ in range(frames)]
+        ours[name] = lambda gen=gen: [next(gen) for _ in range(frames)]
     runs = {"stock": stock_frames, **ours}
     cpu = {k: [] for k in runs}
     wall = {k: [] for k in runs}
@@ -110,8 +117,9 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
         c, w = np.array(cpu[k]), np.array(wall[k])
         rows.append({"what": k, "platform": stock_platform if k == "stock" else platform,
                      "copies_per_context": 1 if k == "stock" else cpc,
-                     "n_coefficients": None if k == "stock" else int(k.split("=")[1]),
-                     "substeps_per_call": None if k == "stock" else groups[int(k.split("=")[1])].substeps,
+                     "n_coefficients": None if k == "stock" else groups[k].spec.n_coefficients,
+                     "substeps_per_call": None if k == "stock" else groups[k].substeps,
+                     "noise": None if k == "stock" else ("host" if groups[k].host_noise else "openmm"),
                      "us_per_step_cpu_median": float(np.median(c)), "us_per_step_wall_median": float(np.median(w)),
                      "ratio_stock_over_this_cpu_median": float(np.median(np.array(cpu["stock"]) / c)),
                      "ratio_stock_over_this_wall_median": float(np.median(np.array(wall["stock"]) / w)),
@@ -120,6 +128,7 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
             "stock": {"integrator": "LangevinMiddleIntegrator", "platform": stock_platform, "threads": 1,
                       "platform_trial_us_per_step_cpu": trial, "per_frame": "getState(positions)"},
             "molflow": {"platform": platform, "copies_per_context": cpc,
+                        "noise": "host" if host_noise_for(platform) else "openmm",
                         "per_frame": "positions, velocities, forces, energy, N coefficients, guards "
                                      "(Group.run; HDF5 writing excluded)"},
             "rows": rows}
@@ -128,10 +137,10 @@ def stock_comparison(frame_fs: float, frames: int, rounds: int, n_values=(0, 3, 
 def print_comparison(cmp: dict) -> None:
     print(f"\nper core, one replica, 1 fs steps, frames every {cmp['frame_fs']:g} fs "
           f"({cmp['rounds']} interleaved rounds of {cmp['frames_per_round']} frames; medians)")
-    print(f"{'':16s}{'platform':>10s}{'us/step cpu':>13s}{'us/step wall':>14s}{'stock/this cpu':>16s}"
+    print(f"{'':28s}{'platform':>10s}{'us/step cpu':>13s}{'us/step wall':>14s}{'stock/this cpu':>16s}"
           f"{'stock/this wall':>17s}")
     for r in cmp["rows"]:
-        print(f"{r['what']:16s}{r['platform']:>10s}{r['us_per_step_cpu_median']:13.1f}{r['us_per_step_wall_median']:14.1f}"
+        print(f"{r['what']:28s}{r['platform']:>10s}{r['us_per_step_cpu_median']:13.1f}{r['us_per_step_wall_median']:14.1f}"
               f"{r['ratio_stock_over_this_cpu_median']:16.3f}{r['ratio_stock_over_this_wall_median']:17.3f}", flush=True)
 
 
@@ -147,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=5, help="frames per round of part 1 at 100 fs (scaled to keep "
                     "the steps per round equal at other intervals)")
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--openmm-noise", type=int, nargs="*", default=[], metavar="N",
+                    help="part 1 also runs molflow at these N with OpenMM drawing the Gaussians and accumulating "
+                         "the coefficients (the GPU program) instead of host noise")
     ap.add_argument("--max-substeps", type=int, help="override molflow.md.integrator.MAX_SUBSTEPS for this run "
                                                      "(physical steps per integrator call; default: the engine's)")
     args = ap.parse_args(argv)
@@ -158,7 +170,8 @@ def main(argv=None) -> int:
     comparisons = []
     if not args.no_compare:
         for fr in args.frame_fs:
-            cmp = stock_comparison(fr, max(1, int(round(args.frames * 100.0 / fr))), args.rounds)
+            cmp = stock_comparison(fr, max(1, int(round(args.frames * 100.0 / fr))), args.rounds,
+                                   openmm_noise_n=args.openmm_noise)
             print_comparison(cmp)
             comparisons.append(cmp)
     rows = []
@@ -183,7 +196,8 @@ def main(argv=None) -> int:
     import torch
 
     result = {
-        "benchmark": "md_throughput", "size": args.size, "system": "alanine_dipeptide",
+        "benchmark": "md_throughput", "command": " ".join(["python", "benchmarks/md_throughput.py", *sys.argv[1:]]),
+        "size": args.size, "system": "alanine_dipeptide",
         "settings": {"frame_fs": 100, "timestep_fs": 1.0, "equilibrate_ps": 0.0,
                      "max_substeps": integrator.MAX_SUBSTEPS,
                      "rate": "steady state after the first written chunk (setup excluded)"},

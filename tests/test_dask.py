@@ -42,9 +42,9 @@ def cluster():
 def local_run(tmp_path_factory):
     """The same run on the local executor, each group in its own worker process.
 
-    OpenMM's Reference/CPU custom integrators draw from one random stream per process, so a local
-    run whose worker processes each drive several groups interleaves their draws; with one group
-    per process (workers >= groups), a group's numbers depend on its seed only, as in a shard.
+    On Reference/CPU the engine draws each group's Gaussians from a stream keyed by the seed and the
+    group's index (host noise), so a group's numbers depend on those only, as in a shard (with OpenMM's
+    own noise they would come from one stream per process: one group per process kept them apart).
     """
     path = tmp_path_factory.mktemp("local") / "local.h5"
     molflow.simulate("alanine_dipeptide", path, workers=4, chunk_frames=10, progress=False, **RUN).close()

@@ -336,6 +336,81 @@ def test_fast_frame_read_equals_a_fresh_evaluation(ala2):
     assert np.abs(fast["velocities"][0] - u).max() > 1e-3  # the half kick is visible at this precision
 
 
+def _group_spec(ala2, steps_per_frame=20, n_coefficients=3, equilibration_steps=100):
+    from molflow.md.engine import RunSpec, minimise
+
+    return RunSpec(pdb_text=ala2.pdb_text, forcefield=tuple(ala2.forcefield_files), name=ala2.name,
+                   temperature_K=300.0, friction_per_ps=1.0, timestep_fs=1.0, steps_per_frame=steps_per_frame,
+                   n_coefficients=n_coefficients, platform="Reference", threads=1, deterministic=False, cutoff_nm=1.5,
+                   seed=5, equilibration_steps=equilibration_steps, start_positions_nm=minimise(ala2))
+
+
+def test_host_noise_coefficients_are_those_of_the_noise_used_and_a_checkpoint_resumes_exactly(ala2):
+    """On CPU platforms the Group draws the Gaussians (HostNoise): each frame's recorded coefficients are
+    the weights applied to the Gaussians the integrator was given (it still holds the last call's); a
+    Group started from a checkpoint taken after 3 frames runs the next frames bit for bit as the
+    uninterrupted one (the noise stream's position travels in the OpenMM checkpoint)."""
+    from molflow.brownian import coefficients_from_noise
+    from molflow.md.engine import Group, GroupStart
+    from molflow.md.integrator import read_noise
+
+    spec = _group_spec(ala2)
+    g = Group(spec, 0, 1, ala2)
+    assert g.host_noise and g.substeps == 10
+    g.start(GroupStart("fresh"))
+    frames, xis = [], []
+    run = g.run(10 ** 6)
+    for i in range(6):
+        frames.append(next(run))
+        xis.append(g.noise.last.copy())
+        if i == 2:
+            ck = g.checkpoint()
+    for fr, xi in zip(frames, xis):
+        np.testing.assert_allclose(fr["brownian"][0], coefficients_from_noise(xi, 3, 0.001), atol=1e-12, rtol=0)
+    np.testing.assert_array_equal(read_noise(g.integrator)[1:], xis[-1][-9:])  # xi0 holds the frame's forces
+    assert not np.array_equal(xis[0], xis[1])
+    g2 = Group(spec, 0, 1, ala2)
+    g2.start(GroupStart("checkpoint", checkpoint=ck, positions_nm=frames[2]["positions"],
+                        velocities=frames[2]["velocities"]))
+    for a, b in zip(frames[3:], g2.run(3)):
+        for key in ("positions", "velocities", "forces", "potential_energy", "brownian"):
+            np.testing.assert_array_equal(a[key], b[key], key)
+
+
+def test_host_noise_coefficient_law(ala2):
+    """The engine's recorded coefficients (host noise) have the exact discrete law N(0, dt w w^T) (DESIGN.md
+    section 2): 100 frames x 66 DOF = 6600 iid draws per coefficient; a covariance entry estimated from n
+    draws has standard error sqrt((S_ii S_jj + S_ij^2)/n); we allow 5 SE."""
+    from molflow.brownian import discrete_covariance
+    from molflow.md.engine import Group, GroupStart
+
+    K, N, frames = 100, 4, 100
+    g = Group(_group_spec(ala2, steps_per_frame=K, n_coefficients=N), 0, 1, ala2)
+    g.start(GroupStart("fresh"))
+    L = np.concatenate([fr["brownian"][0].reshape(N, -1) for fr in g.run(frames)], axis=1)
+    n = L.shape[1]
+    emp, exact = L @ L.T / n, discrete_covariance(N, K, 0.001)
+    se = np.sqrt((np.outer(np.diag(exact), np.diag(exact)) + exact**2) / n)
+    assert np.all(np.abs(emp - exact) < 5 * se), (emp, exact)
+
+
+def test_openmm_noise_path_of_the_group_records_its_accumulators(ala2):
+    """The GPU program (OpenMM draws the Gaussians, the integrator accumulates the coefficients), forced
+    on Reference: the Group records what the integrator accumulated, and the run file names it."""
+    from molflow.md import engine
+    from molflow.md.integrator import INTEGRATOR_ID, read_coefficients
+
+    for platform, noise in (("CUDA", "openmm"), ("Reference", "host"), ("CPU", "host")):
+        attrs = engine.run_attrs(ala2, 20.0, 3, 1, 5, platform, 1, 0.1, 1.5, "here", 1.0)
+        assert attrs["noise"] == noise and (attrs["integrator"] == INTEGRATOR_ID) == (noise == "openmm")
+    g = engine.Group(_group_spec(ala2), 0, 1, ala2, host_noise=False)
+    assert g.noise is None
+    g.start(engine.GroupStart("fresh"))
+    for fr in g.run(2):
+        np.testing.assert_array_equal(fr["brownian"][0], read_coefficients(g.integrator, 3))
+        assert np.abs(fr["brownian"]).max() > 0
+
+
 def test_resume_of_a_file_from_another_integrator_ignores_its_checkpoint(tmp_path):
     """An OpenMM checkpoint holds the integrator's variables: one written by another integrator program
     (attribute ``integrator``) is not loaded; the run continues from the last frame's state."""
@@ -346,9 +421,9 @@ def test_resume_of_a_file_from_another_integrator_ignores_its_checkpoint(tmp_pat
     assert any(Path(str(out) + ".ckpt").iterdir())
     resumed = molflow.simulate("alanine_dipeptide", out, resume=True, progress=False, **{**RUN, "time_ps": 1.2})
     assert resumed.attrs["n_restarts"] == 1 and resumed.n_frames == 61
-    from molflow.md.integrator import INTEGRATOR_ID
+    from molflow.md.integrator import HOST_NOISE_INTEGRATOR_ID
 
-    assert resumed.attrs["integrator"] == INTEGRATOR_ID
+    assert resumed.attrs["integrator"] == HOST_NOISE_INTEGRATOR_ID and resumed.attrs["noise"] == "host"
     resumed.close()
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from molflow.brownian import (coefficients_from_noise, compose, continuous_variances,
                               discrete_covariance)
-from molflow.md.integrator import (choose_substeps, onstep_velocities, read_coefficients, read_frame_outputs,
-                                   read_noise, recording_integrator, step_physical)
+from molflow.md.integrator import (HostNoise, choose_substeps, onstep_velocities, read_coefficients,
+                                   read_frame_outputs, read_noise, recording_integrator, step_physical)
 from molflow.units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
 from molflow.md.multicopy import make_layout, multicopy_system
 
@@ -51,8 +51,30 @@ def debug_run(ala2):
     return dict(x0=x0, v0=v0, x1=x1, v1=v1, xi=np.array(xis), L=frames_L, K=K, N=N)
 
 
-def test_replay_numpy_baoab_reproduces_openmm(ala2, debug_run):
-    """An independent numpy BAOAB with OpenMM forces and the recorded Gaussians lands on OpenMM."""
+@pytest.fixture(scope="module")
+def host_debug_run(ala2):
+    """The host-noise program: 200 steps driven by HostNoise's Gaussians (two 100-step stretches)."""
+    K, M = 100, 5
+    integ = recording_integrator(300.0, 1.0, 1.0, K, 3, seed=17, substeps=M, host_noise=True)
+    ctx = _context(ala2, 1, integ)
+    noise = HostNoise(integ, ala2.n_atoms)
+    noise.select(17, 0, 0, 2)
+    noise.run(noise.draw(99, 50))  # leave the minimum
+    x0, v0 = _state(ctx, ala2.masses_amu)
+    xis = []
+    for j in range(2):
+        xis.append(noise.draw(j, K))
+        noise.run(xis[-1])
+        np.testing.assert_array_equal(read_noise(integ), xis[-1][-M:])  # the integrator holds what was set
+    x1, v1 = _state(ctx, ala2.masses_amu)
+    return dict(x0=x0, v0=v0, x1=x1, v1=v1, xi=np.concatenate(xis))
+
+
+@pytest.mark.parametrize("run", ["debug_run", "host_debug_run"])
+def test_replay_numpy_baoab_reproduces_openmm(ala2, run, request):
+    """An independent numpy BAOAB with OpenMM forces and the recorded Gaussians lands on OpenMM, for
+    the Gaussians drawn by OpenMM and for those set by the host."""
+    debug_run = request.getfixturevalue(run)
     force_ctx = openmm.Context(ala2.create_system("nocutoff"), openmm.VerletIntegrator(DT_PS),
                                openmm.Platform.getPlatformByName("Reference"))
 
@@ -121,6 +143,36 @@ def test_frame_outputs_equal_a_fresh_evaluation(ala2):
         np.testing.assert_array_equal(f, s.getForces(asNumpy=True)._value)
         assert e == pytest.approx(s.getPotentialEnergy()._value, abs=1e-9)
     assert read_frame_outputs(integ, energy=False)[1] is None
+
+
+def test_host_noise_streams(ala2):
+    """A stretch's Gaussians depend on (key, index) only: drawn in any order, after any other draws, by
+    another HostNoise; different keys and indices differ; they are standard normal; the stream
+    position survives an OpenMM checkpoint; a host-noise program accumulates no coefficients."""
+    integ = recording_integrator(300.0, 1.0, 1.0, 20, 3, seed=5, substeps=10, host_noise=True)
+    ctx = _context(ala2, 1, integ)
+    a, b = HostNoise(integ, 22), HostNoise(integ, 22)
+    a.select(7, 1, 0, 2)
+    b.select(7, 1, 0, 2)
+    x3 = a.draw(3, 20).copy()
+    a.draw(0, 20), a.draw(5, 7)
+    np.testing.assert_array_equal(a.draw(3, 20), x3)
+    np.testing.assert_array_equal(b.draw(3, 20), x3)
+    np.testing.assert_array_equal(b.draw(3, 10), x3[:10])  # a stretch's first steps do not depend on its length
+    assert not np.array_equal(a.draw(4, 20), x3)
+    b.select(7, 1, 1, 2)
+    assert not np.array_equal(b.draw(3, 20), x3)
+    z = np.concatenate([a.draw(j, 20) for j in range(200)]).ravel()  # 264000 draws
+    assert abs(z.mean()) < 5 / np.sqrt(z.size) and abs(z.var() - 1) < 5 * np.sqrt(2 / z.size)
+    a.save(4, 123456)
+    ck = ctx.createCheckpoint()
+    a.save(0, 0)
+    ctx.loadCheckpoint(ck)
+    assert a.saved() == (4, 123456)
+    with pytest.raises(ValueError, match="no coefficients"):
+        read_coefficients(integ, 3)
+    with pytest.raises(ValueError, match="host_noise=True"):
+        HostNoise(recording_integrator(300.0, 1.0, 1.0, 20, 3, seed=5, substeps=10), 22)
 
 
 def test_choose_substeps():

@@ -8,12 +8,13 @@ the cluster's worker threads as the cores): replicas are grouped into multi-copy
 engine (:func:`~molflow.md.engine.simulate` with ``group_offset=g``) into its own run file
 ``run.h5.shards/shard-<g>.h5``. Seeds follow the group's index in the whole run
 (``derive_seed(seed, g, ...)``), never the worker or the order tasks ran in, so for the same seed,
-platform and ``copies_per_context`` a Dask run equals a local run bit for bit, as long as the
-local run gives each group its own process (``workers`` >= groups, or a GPU): on the Reference and
-CPU platforms OpenMM draws the integrator's random numbers from one stream per process, so groups
-sharing a local worker process interleave their draws (a local run then depends on ``workers``).
-A shard runs alone in its process (one at a time per Dask worker process), so its numbers depend
-on its seed and index only.
+platform and ``copies_per_context`` a Dask run equals a local run bit for bit. On the Reference and
+CPU platforms the engine draws the per-step Gaussians itself, from a stream keyed by the run's seed
+and the group's index (:class:`~molflow.md.integrator.HostNoise`), so any ``workers`` give the same
+run. (OpenMM's own integrator random numbers, which the engine uses on a GPU, come from one stream
+per process on those platforms, and groups sharing a process would interleave them; a shard runs
+alone in its process, one at a time per Dask worker process, so its numbers depend on its seed and
+index only either way.)
 
 ``run.h5`` itself is an HDF5 file of virtual datasets (h5py VDS) concatenating the shards along the
 replica axis, with relative source paths (``run.h5`` and ``run.h5.shards/`` move together) and the
@@ -57,7 +58,8 @@ from .multicopy import default_cutoff_nm
 INSTALL_HINT = 'pip install "molflow[dask]"'
 # OpenMM's Reference and CPU platforms draw the custom integrator's random numbers from one stream per
 # process (reseeded when a Context is made): two shards sharing a worker process at the same time
-# would interleave their draws. Shards in one process therefore run one at a time.
+# would interleave their draws. The engine no longer uses those numbers there (host noise), but a
+# shard's run should not hinge on that: shards in one process run one at a time.
 _PROCESS_LOCK = threading.Lock()
 
 

@@ -30,16 +30,32 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .. import __version__
+from ..brownian import legendre_step_weights
 from ..errors import InputError, SimulationError
 from ..seeding import derive_seed, random_seed
 from ..systems import MolecularSystem, load_system
 from ..trajectory import Trajectory, TrajectoryWriter
 from ..units import BOLTZMANN_KJ_MOL_K, kinetic_temperature
-from .integrator import (INTEGRATOR_ID, choose_substeps, onstep_velocities, read_coefficients, read_frame_outputs,
-                         recording_integrator, set_onstep_velocities, state_array, step_physical)
+from .integrator import (HostNoise, choose_substeps, integrator_id, onstep_velocities, read_coefficients,
+                         read_frame_outputs, recording_integrator, set_onstep_velocities, state_array, step_physical)
 from .multicopy import CopyLayout, default_cutoff_nm, make_layout, multicopy_system
 
 GPU_PLATFORMS = ("CUDA", "OpenCL", "HIP")
+#: stream tags of the host noise (:class:`~molflow.md.integrator.HostNoise` keys end with one of them)
+NOISE_EQUILIBRATION, NOISE_FRAMES = 1, 2
+
+
+def host_noise_for(platform: str) -> bool:
+    """Whether the engine draws the per-step Gaussians in numpy on ``platform`` (CPU, Reference).
+
+    On the Reference platform that replaces the per-DOF computation drawing them and the coefficient
+    accumulators (each ~2 us per step for 22 atoms) with one per-DOF variable set per step and a
+    matrix product per frame (module docstring of :mod:`molflow.md.integrator`); on a GPU it would
+    cost a host-to-device copy per call, so there OpenMM draws them and accumulates the coefficients.
+    """
+    return platform not in GPU_PLATFORMS
+
+
 # On CPU-only hosts, `auto` runs molecules up to this size as one copy per Reference Context (one
 # worker per core). Measured on 2 cores (AMD EPYC), 8 replicas, N = 3, aggregate ns/day:
 # alanine dipeptide (22 atoms) Reference 1 copy/context 1854 vs CPU platform 4 copies/context 1455,
@@ -131,10 +147,20 @@ class EnergyEvaluator:
 
 
 class Group:
-    """One OpenMM Context of ``n_copies`` copies, advanced a frame at a time."""
+    """One OpenMM Context of ``n_copies`` copies, advanced a frame at a time.
+
+    With host noise (:func:`host_noise_for`) the Gaussians of frame ``f`` are a function of (the run's
+    seed, the group's index in the run, the restart, ``f``) only (:class:`HostNoise`; equilibration
+    has its own stream), the coefficients of a frame are ``legendre_step_weights(N, K, dt) @ xi``,
+    and :meth:`checkpoint` carries the stream's position in the OpenMM checkpoint, so a run resumed
+    from one draws what an uninterrupted run would. Otherwise OpenMM draws them from its integrator
+    seed and the integrator accumulates the coefficients.
+    """
 
     def __init__(self, spec: RunSpec, index: int, n_copies: int, molecule: MolecularSystem | None = None,
-                 energies: EnergyEvaluator | None = None):
+                 energies: EnergyEvaluator | None = None, host_noise: bool | None = None):
+        """``host_noise``: None picks it by platform (:func:`host_noise_for`); True/False force it (tests,
+        benchmarks)."""
         import openmm
 
         self.spec, self.index, self.n_copies = spec, index, n_copies
@@ -153,10 +179,16 @@ class Group:
         # per call, so there the frame is read with getState and the energy evaluator as before
         self.fast_frames = spec.platform not in GPU_PLATFORMS
         self.context_energy = self.fast_frames and n_copies == 1  # the context is the NoCutoff molecule
+        self.host_noise = host_noise_for(spec.platform) if host_noise is None else bool(host_noise)
         self.integrator = recording_integrator(spec.temperature_K, spec.friction_per_ps, spec.timestep_fs,
                                                spec.steps_per_frame, spec.n_coefficients,
                                                derive_seed(spec.seed, self.seed_index), substeps=self.substeps,
-                                               frame_forces=self.fast_frames, frame_energy=self.context_energy)
+                                               frame_forces=self.fast_frames, frame_energy=self.context_energy,
+                                               host_noise=self.host_noise)
+        self.noise = HostNoise(self.integrator, n_copies * self.n_atoms) if self.host_noise else None
+        self._weights = legendre_step_weights(spec.n_coefficients, spec.steps_per_frame, self.dt_ps)
+        self._restart, self._next_frame = 0, 0  # the host noise's stream (restart) and next frame in it
+        self._coefficients: np.ndarray | None = None  # (N, C*A, 3) of the last frame run, with host noise
         self.context = openmm.Context(system, self.integrator, platform_object(spec.platform),
                                       platform_properties(spec.platform, spec.threads, spec.deterministic))
         self.energies = None if self.context_energy else \
@@ -175,6 +207,8 @@ class Group:
                 warnings.warn(f"group {self.index}: the OpenMM checkpoint does not load here ({exc}); "
                               "continuing from the last frame's state instead", stacklevel=2)
                 return self.start(dataclasses.replace(how, kind="state"))
+            if self.noise is not None:  # the stream continues where the checkpoint left it
+                self._select_frames(*self.noise.saved())
             x = self._state(positions=True)["x"]
             mean_diff = how.positions_nm.mean(1) - x.reshape(self.n_copies, self.n_atoms, 3).mean(1)
             self.layout.offsets_nm = np.round(mean_diff)
@@ -186,25 +220,48 @@ class Group:
             set_onstep_velocities(self.context, how.velocities.reshape(-1, 3), self.masses, self.dt_ps)
             self.integrator.setRandomNumberSeed(derive_seed(self.spec.seed, self.seed_index, 1000 + how.restart))
             self.integrator.setGlobalVariableByName("kstep", 0)
+            self._select_frames(how.restart, 0)
             return None
         # fresh: every copy starts from the minimised structure with its own velocities
         start = np.broadcast_to(self.spec.start_positions_nm, (self.n_copies, self.n_atoms, 3))
         self.context.setPositions(self.layout.to_context_frame(start))
         self.context.setVelocitiesToTemperature(self.spec.temperature_K, derive_seed(self.spec.seed, self.seed_index, 1))
         set_onstep_velocities(self.context, self._state(velocities=True)["u"], self.masses, self.dt_ps)
-        remaining = self.spec.equilibration_steps
+        remaining, piece = self.spec.equilibration_steps, 0
+        if self.noise is not None:
+            self.noise.select(*self._noise_key(0, NOISE_EQUILIBRATION))
         while remaining > 0:  # equilibrate frame by frame so the margin guard sees it
             n = min(remaining, self.spec.steps_per_frame)
-            step_physical(self.integrator, n)
-            remaining -= n
+            if self.noise is None:
+                step_physical(self.integrator, n)
+            else:
+                self.noise.run(self.noise.draw(piece, n))
+            remaining, piece = remaining - n, piece + 1
             self._guard(self._state(positions=True, velocities=True, forces=True))
         self.integrator.setGlobalVariableByName("kstep", 0)
+        self._select_frames(0, 0)
         return self.read_frame(with_coefficients=False)
+
+    def _noise_key(self, restart: int, phase: int) -> tuple[int, ...]:
+        return (int(self.spec.seed) & 0xFFFFFFFF, int(self.seed_index), int(restart), phase)
+
+    def _select_frames(self, restart: int, next_frame: int) -> None:
+        """Draw the coming frames' host noise from frame ``next_frame`` of the stream of ``restart``."""
+        self._restart, self._next_frame = int(restart), int(next_frame)
+        if self.noise is not None:
+            self.noise.select(*self._noise_key(restart, NOISE_FRAMES))
 
     # -- running
     def run(self, n_frames: int) -> Iterator[dict[str, np.ndarray]]:
+        K = self.spec.steps_per_frame
         for _ in range(n_frames):
-            step_physical(self.integrator, self.spec.steps_per_frame)
+            if self.noise is None:
+                step_physical(self.integrator, K)
+            else:
+                xi = self.noise.draw(self._next_frame, K)  # (K, C*A, 3)
+                self._next_frame += 1
+                self.noise.run(xi)
+                self._coefficients = (self._weights @ xi.reshape(K, -1)).reshape(len(self._weights), *xi.shape[1:])
             yield self.read_frame(with_coefficients=True, after_full_frame=True)
 
     def read_frame(self, with_coefficients: bool, after_full_frame: bool = False) -> dict[str, np.ndarray]:
@@ -224,7 +281,8 @@ class Group:
         if not np.isfinite(frame["potential_energy"]).all():
             raise SimulationError("non-finite potential energy (the run blew up)")
         if with_coefficients:
-            L = read_coefficients(self.integrator, self.spec.n_coefficients)  # (N, C*A, 3)
+            L = read_coefficients(self.integrator, self.spec.n_coefficients) if self.noise is None \
+                else self._coefficients  # (N, C*A, 3) of the last frame run
             frame["brownian"] = L.reshape(-1, C, A, 3).transpose(1, 0, 2, 3)
         return frame
 
@@ -263,6 +321,9 @@ class Group:
             self.context.setPositions(s["x"])
 
     def checkpoint(self) -> bytes:
+        """An OpenMM checkpoint of the context; with host noise it carries the noise stream's position."""
+        if self.noise is not None:
+            self.noise.save(self._restart, self._next_frame)
         return self.context.createCheckpoint()
 
 
@@ -439,7 +500,7 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
             ck = ckpt_dir / f"group{g:05d}_frame{n_done - 1}.chk"
             # an OpenMM checkpoint holds the integrator's variables: reuse it only with the same platform
             # and the same integrator program (older files recorded on-step velocities in it)
-            if ck.exists() and a.get("platform") == platform_name and a.get("integrator") == INTEGRATOR_ID:
+            if ck.exists() and a.get("platform") == platform_name and a.get("integrator") == attrs["integrator"]:
                 starts.append(GroupStart("checkpoint", checkpoint=ck.read_bytes(), positions_nm=last_x[s:s + size],
                                          velocities=last_v[s:s + size], restart=restarts + 1))
             else:
@@ -453,7 +514,8 @@ def simulate(system: str | MolecularSystem, out: str | os.PathLike, replicas: in
             how = "its last frame's state (no usable checkpoint)" if used_state else "the OpenMM checkpoint"
             print(f"molflow simulate: resuming {out} at frame {n_done} from {how}", file=sys.stderr)
         writer.set_attrs(time_ps_requested=max(float(time_ps), float(a.get("time_ps_requested", 0))),
-                         platform=platform_name, hardware=attrs["hardware"], integrator=INTEGRATOR_ID)
+                         platform=platform_name, hardware=attrs["hardware"], integrator=attrs["integrator"],
+                         noise=attrs["noise"])
         start_positions = mol.positions_nm
     else:
         if existing:
@@ -545,7 +607,8 @@ def plan_layout(mol: MolecularSystem, replicas: int, platform: str, platform_nam
 def run_attrs(mol: MolecularSystem, frame_fs: float, n_coefficients: int, replicas: int, seed: int,
               platform_name: str, cpc: int, equilibrate_ps: float, cutoff: float, hardware: str,
               time_ps: float) -> dict[str, Any]:
-    """The settings attributes of a run file (DESIGN.md section 5)."""
+    """The settings attributes of a run file (DESIGN.md section 5), plus the integrator program and
+    ``noise``: "host" where numpy draws the per-step Gaussians (CPU, Reference), "openmm" on a GPU."""
     return {
         "molflow_version": __version__, "system": mol.name, "fingerprint": mol.fingerprint,
         "pdb": mol.pdb_text, "forcefield": list(mol.forcefield_files),
@@ -553,7 +616,8 @@ def run_attrs(mol: MolecularSystem, frame_fs: float, n_coefficients: int, replic
         "timestep_fs": mol.timestep_fs, "frame_interval_fs": float(frame_fs),
         "n_coefficients": n_coefficients, "n_replicas": replicas, "seed": seed,
         "platform": platform_name, "copies_per_context": cpc, "equilibration_ps": float(equilibrate_ps),
-        "cutoff_nm": cutoff, "hardware": hardware, "integrator": INTEGRATOR_ID,
+        "cutoff_nm": cutoff, "hardware": hardware, "integrator": integrator_id(host_noise_for(platform_name)),
+        "noise": "host" if host_noise_for(platform_name) else "openmm",
         "time_ps_requested": float(time_ps), "kind": "reference_md",
     }
 

@@ -226,6 +226,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def finish_text(r: dict) -> str:
+    """The lever's finish in words: its force evaluations per jump, step sizes and frictions."""
+    n, dt = int(r["finish_steps"]), float(r.get("finish_timestep_fs", 1.0))
+    settle = int(r.get("finish_settle_steps", 0) or 0)
+    if n == 0:
+        return "none"
+    bulk = f"{n - settle} x {dt:g} fs at {r['finish_friction_per_ps']:g}/ps"
+    if settle:
+        sg = r.get("finish_settle_friction_per_ps") or r["finish_friction_per_ps"]
+        bulk += f" + {settle} x 1 fs at {sg:g}/ps"
+    return f"{n} force evaluations ({bulk})"
+
+
 def summary(res: dict, r: dict) -> str:
     """One line: a lever's measured fidelity and speed against the reference, and what it misses."""
     fl = res["reference"]["noise_floor_H_vs_J"]
@@ -236,7 +249,7 @@ def summary(res: dict, r: dict) -> str:
     misses = [k for k, v in r["targets"].items() if not v]
     return (f"tau = {r['tau_ps']:g} ps (one evaluation per jump; {2 * r['tau_ps']:g} ps: two composed), "
             f"{r['replicas']} replicas x {r['jumps'] * r['tau_ps'] / 1000:g} ns free-running, finish "
-            f"{r['finish_steps']} steps at {r['finish_friction_per_ps']:g}/ps, against "
+            f"{finish_text(r)}, against "
             f"{res['reference']['simulated_ns']:.3g} ns of MD: bond/angle spreads {r['bond_spread_ratio_min']:.2f}-"
             f"{max(r['bond_spread_ratio_max'], r['angle_spread_ratio_max']):.2f}x, T_kin {r['kinetic_temperature_K']:.1f} K "
             f"(MD {res['reference']['kinetic_temperature_K']:.1f} K, both on-step), "

@@ -61,6 +61,8 @@ force or CMMotionRemover.
 """
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 
 from ..brownian import legendre_step_weights
@@ -202,8 +204,8 @@ class HostNoise:
     uninterrupted one would. :meth:`save` keeps the stream's position (restart, next stretch) in
     integrator globals, so an OpenMM checkpoint of the context carries it; :meth:`saved` reads it back.
 
-    Cost per physical step on the Reference platform (22 atoms): one ``setPerDofVariableByName`` of a
-    (P, 3) array (~1.1 us) and ~0.8 us of Gaussians, against the ~2 us per-DOF computation that drew
+    Cost per physical step on the Reference platform (22 atoms): one ``setPerDofVariable`` of a
+    (P, 3) array (~1 us) and ~0.8 us of Gaussians, against the ~2 us per-DOF computation that drew
     them inside OpenMM plus the accumulators (module docstring).
     """
 
@@ -217,11 +219,14 @@ class HostNoise:
         self.integrator = integrator
         self.n_particles = int(n_particles)
         self._names = [f"xi{m}" for m in range(substeps_of(integrator))]
+        # set by index (recording_integrator adds xi0 .. xi{M-1} first, so xi{m} is per-DOF variable m):
+        # ~0.1 us per step less than by name
+        self._by_index = all(integrator.getPerDofVariableName(m) == name for m, name in enumerate(self._names))
         self._bitgen = np.random.PCG64(0)
         self._generator = np.random.Generator(self._bitgen)
         self._base: dict | None = None
         self.key: tuple[int, ...] = ()
-        self.last: np.ndarray | None = None  # the Gaussians of the last stretch drawn (n, P, 3)
+        self.last: np.ndarray | None = None  # the Gaussians of the last stretch drawn or run (n, P, 3)
 
     def select(self, *key: int) -> None:
         """Use the stream of ``key`` (non-negative integers below 2^32)."""
@@ -230,23 +235,48 @@ class HostNoise:
 
     def draw(self, index: int, n_steps: int) -> np.ndarray:
         """The Gaussians (n_steps, P, 3) float64 of stretch ``index`` of the selected stream."""
-        if self._base is None:
-            raise RuntimeError("HostNoise.select a stream first")
-        self._bitgen.state = self._base
-        self._bitgen.advance(int(index) * self._STRIDE)
-        self.last = self._generator.standard_normal((int(n_steps), self.n_particles, 3))
+        self.last = self.draw_many(index, 1, n_steps)[0]
         return self.last
 
+    def draw_many(self, first: int, count: int, n_steps: int) -> np.ndarray:
+        """The Gaussians (count, n_steps, P, 3) of stretches ``first .. first + count - 1``: entry ``j`` is
+        :meth:`draw` ``(first + j, n_steps)``, number for number.
+
+        Drawing several stretches in one go is what the engine does between frames: the same numbers,
+        but numpy's code stays in the CPU caches between the stretches instead of being evicted by the
+        OpenMM steps of every frame (~15 us per 20-step frame on the Reference platform)."""
+        if self._base is None:
+            raise RuntimeError("HostNoise.select a stream first")
+        out = np.empty((int(count), int(n_steps), self.n_particles, 3))
+        bitgen, normal = self._bitgen, self._generator.standard_normal
+        for j in range(int(count)):
+            bitgen.state = self._base
+            bitgen.advance((int(first) + j) * self._STRIDE)
+            normal(out=out[j])  # the same numbers as standard_normal((n_steps, P, 3))
+        return out
+
     def run(self, xi: np.ndarray) -> None:
-        """Advance ``len(xi)`` physical steps (a multiple of the substeps) driven by ``xi`` (n, P, 3)."""
+        """Advance ``len(xi)`` physical steps (a multiple of the substeps) driven by ``xi`` (n, P, 3);
+        ``last`` is then ``xi``."""
         names, M = self._names, len(self._names)
         if len(xi) % M:
             raise ValueError(f"{len(xi)} steps is not a multiple of the integrator's {M} substeps")
-        set_xi, step = self.integrator.setPerDofVariableByName, self.integrator.step
-        for k in range(0, len(xi), M):
-            for m in range(M):
-                set_xi(names[m], xi[k + m])
-            step(1)
+        self.last = xi
+        step = self.integrator.step
+        if not self._by_index:
+            set_xi = self.integrator.setPerDofVariableByName
+            for k in range(0, len(xi), M):
+                for m in range(M):
+                    set_xi(names[m], xi[k + m])
+                step(1)
+            return
+        set_xi, m = self.integrator.setPerDofVariable, 0
+        for row in xi:
+            set_xi(m, row)
+            m += 1
+            if m == M:
+                step(1)
+                m = 0
 
     def save(self, restart: int, next_index: int) -> None:
         """Store the stream position (restart, next stretch) in the integrator's globals."""
@@ -324,21 +354,28 @@ def state_array(state, kind: str) -> np.ndarray:
     cost ~5% of the engine's speed (benchmarks/results/md_throughput_stock_cpu_before_state_read.json
     against md_throughput_stock_cpu.json: 0.704x to 0.739x stock at 20-fs frames). Falls back to the
     public call; tests/test_integrator.py checks both give the same arrays."""
-    import openmm
-
-    code = {"positions": openmm.State.Positions, "velocities": openmm.State.Velocities,
-            "forces": openmm.State.Forces}[kind]
     fast = getattr(state, "_getVectorAsNumpy", None)
     if fast is not None:
         out = np.empty((state._getNumParticles(), 3), dtype=np.float64)
-        fast(code, out)
+        fast((_STATE_CODES or _state_codes())[kind], out)
         return out
     get = {"positions": state.getPositions, "velocities": state.getVelocities, "forces": state.getForces}[kind]
     return np.array(get(asNumpy=True)._value, dtype=np.float64)
 
 
-def _vec3_array(values) -> np.ndarray:
-    """A tuple of OpenMM Vec3 as a (P, 3) float64 array (faster than np.asarray on the tuple)."""
-    import itertools
+_STATE_CODES: dict[str, int] = {}  # kind -> openmm.State code, filled on first use (openmm imports lazily)
 
-    return np.fromiter(itertools.chain.from_iterable(values), dtype=np.float64, count=3 * len(values)).reshape(-1, 3)
+
+def _state_codes() -> dict[str, int]:
+    import openmm
+
+    _STATE_CODES.update(positions=openmm.State.Positions, velocities=openmm.State.Velocities,
+                        forces=openmm.State.Forces)
+    return _STATE_CODES
+
+
+def _vec3_array(values) -> np.ndarray:
+    """A sequence of OpenMM Vec3 as a (P, 3) float64 array (about 3x faster than np.asarray on it; measured
+    against np.array, a list comprehension and array.array, np.fromiter over the chained tuples is the
+    fastest; the 22 Vec3 objects OpenMM builds for a per-DOF read cost ~10 us more, which no public call avoids)."""
+    return np.fromiter(chain.from_iterable(values), dtype=np.float64, count=3 * len(values)).reshape(-1, 3)

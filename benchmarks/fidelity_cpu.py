@@ -23,7 +23,9 @@ jumps: two evaluations per 2 tau). Metrics against J (noise floor H against J in
 - JS(phi, psi), 1-D and 2-D free-energy RMSE (kJ/mol);
 - phi flip rate between core sets (phi_core_states, per ns, both directions summed) with the
   reference read at the same frame interval, and the slowest implied timescale (6 x 6 phi/psi grid,
-  reversible MSM, lag ``--lag-ps``) — each as a ratio sampled / reference;
+  reversible MSM, lag ``--lag-ps``) — each as a ratio sampled / reference; the JSON also keeps the
+  three slowest implied timescales and the basin changes (beta / alpha_R / alpha_L) per ns, because
+  the slowest process need not be the same one in both (in 100 ns of MD it is a single alpha_L visit);
 - speed: simulated ns per CPU-second (process CPU time: torch and the OpenMM finish in one thread)
   over stock OpenMM's (LangevinMiddleIntegrator, same force field and protocol, 1 fs, best of
   Reference/CPU with one thread, timed in this run before and after the rollouts).
@@ -57,10 +59,14 @@ def kinetics(phi, psi, dt_ps: float, lag_ps: float) -> dict:
     n = k["n_transitions_neg_to_pos"] + k["n_transitions_pos_to_neg"]
     t_ns = phi.shape[0] * (phi.shape[1] - 1) * dt_ps / 1000.0
     lag = max(1, int(round(lag_ps / dt_ps)))
-    its = M.implied_timescales(M.discretise(phi, psi), [lag], dt_ps, n_timescales=1)
+    its = M.implied_timescales(M.discretise(phi, psi), [lag], dt_ps, n_timescales=3)
+    basins = M.basin_assignment(phi, psi)
+    changes = int((basins[:, 1:] != basins[:, :-1]).sum())
     return {"dt_ps": dt_ps, "flips": int(n), "flips_per_ns": n / t_ns, "flips_per_ns_counting_se": np.sqrt(max(n, 1)) / t_ns,
             "rate_neg_to_pos_per_ns": k["rate_neg_to_pos_per_ns"], "rate_pos_to_neg_per_ns": k["rate_pos_to_neg_per_ns"],
             "lag_ps": lag * dt_ps, "slowest_implied_timescale_ns": its["timescales_ns"][0][0],
+            "implied_timescales_ns": [float(t) for t in its["timescales_ns"][0]],  # the three slowest
+            "basin_changes_per_ns": changes / t_ns,  # beta / alpha_R / alpha_L changes between frames dt_ps apart
             "its_reason": its["reason"]}
 
 

@@ -206,10 +206,14 @@ class FrameData:
         t["tau"] = torch.full((len(r),), k * self.h0_ps, dtype=dtype, device=device)
         return t
 
-    def training_positions(self, max_frames: int = 20000) -> np.ndarray:
+    def training_positions(self, max_frames: int = 20000, skip_ps: float = 0.0) -> np.ndarray:
         """(M, A, 3) float32 positions of at most ``max_frames`` training frames, evenly spaced over
-        all training (trajectory, frame) pairs (for statistics such as internal-coordinate spreads)."""
+        all training (trajectory, frame) pairs (for statistics such as internal-coordinate spreads),
+        without each trajectory's first ``skip_ps`` ps (its equilibration from the start structure)."""
         traj, lo, hi = self._ranges("train")
+        lo = np.minimum(lo + int(round(float(skip_ps) / self.h0_ps)), hi)
+        if int((hi - lo).sum()) == 0:
+            raise InputError(f"no training frames are left after skipping the first {skip_ps:g} ps of each run")
         counts = hi - lo
         total = int(counts.sum())
         pick = np.unique(np.linspace(0, total - 1, min(int(max_frames), total)).round().astype(np.int64))

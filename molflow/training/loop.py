@@ -85,6 +85,15 @@ class TrainConfig:
     # lr_min_factor, input_noise_nm and validation_items then apply to that fit
     drive_cache_draws: int = 4  # latent draws per cached item (the samples of its score)
     drive_tau_max_share: float = 0.5  # share of cached items jumping tau_max (the rest: log-uniform lengths)
+    landscape_ibi_iterations: int = 0  # > 0 (maps with a torsion-drive landscape): after training, refine the
+    # landscape by iterative Boltzmann inversion against the training data's phi/psi marginals
+    # (molflow.training.landscape_ibi), with free-running rollouts of the EMA map at tau_max
+    landscape_ibi_replicas: int = 32
+    landscape_ibi_jumps: int = 800
+    landscape_ibi_damping: float = 0.7
+    landscape_ibi_damping_decay: float = 0.7
+    landscape_ibi_skip_ps: float = 20.0  # each training run's first ps left out of the target marginals
+    landscape_ibi_frames: int = 400000  # at most this many training frames make the target
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -138,6 +147,8 @@ class Trainer:
         self.model = build_model(system, map_config).to(device)
         if config.train_only not in ("", "torsion_drive"):
             raise InputError(f"train_only must be '' or 'torsion_drive', not {config.train_only!r}")
+        if config.landscape_ibi_iterations and not self.map_config.torsion_drive_landscape:
+            raise InputError("landscape_ibi_iterations needs a torsion drive with a landscape (torsion_drive_landscape > 0)")
         if config.drive_cache_items and config.train_only != "torsion_drive":
             raise InputError("drive_cache_items needs train_only: torsion_drive (it fits a drive on a frozen map)")
         if config.train_only:
@@ -161,6 +172,7 @@ class Trainer:
         self.semigroup_on = False  # opened by the teacher-quality gate (TrainConfig.semigroup_gate)
         self.local_running: float | None = None  # running mean of the student's local loss
         self.good_state: dict[str, Any] | None = None
+        self.landscape_ibi: dict[str, Any] | None = None  # the record of refine_landscape, once it ran
         self.bonds_t = torch.as_tensor(np.asarray(system.bonds, dtype=np.int64).reshape(-1, 2), device=device)
         self.sample_finish = ({"n_steps": config.finish_steps, "friction_per_ps": config.finish_friction_per_ps}
                               if config.finish_steps else None)
@@ -454,6 +466,31 @@ class Trainer:
         return rollout_verdict(fm, starts["x0"].double().numpy(), starts["v0"].double().numpy(), tau,
                                c.verdict_jumps, ref_std, seed=self.seed)
 
+    def refine_landscape(self, progress: bool) -> dict[str, Any]:
+        """Refine the EMA map's torsion-drive landscape (config ``landscape_ibi_*``;
+        :mod:`molflow.training.landscape_ibi`) and copy it into the trained model; returns the record."""
+        from ..sampling import FlowMap
+        from .landscape_ibi import LandscapeIBIConfig, refine_landscape
+
+        c = self.config
+        t0 = time.perf_counter()
+        fm = FlowMap(copy.deepcopy(self.ema).cpu().float(), self.system, self.data.h0_ps,
+                     {"train_config": dataclasses.asdict(c), "sample_finish": self.sample_finish})
+        k = max(1, int(round(c.tau_max_ps / self.data.h0_ps)))
+        cfg = LandscapeIBIConfig(iterations=c.landscape_ibi_iterations, replicas=c.landscape_ibi_replicas,
+                                 jumps=c.landscape_ibi_jumps, tau_ps=k * self.data.h0_ps, damping=c.landscape_ibi_damping,
+                                 damping_decay=c.landscape_ibi_damping_decay, seed=self.seed)
+        target = self.data.training_positions(c.landscape_ibi_frames, skip_ps=c.landscape_ibi_skip_ps)
+        starts = self.data.batch(cfg.replicas, 1, np.random.default_rng(self.seed), split="val")
+        records = refine_landscape(fm, target, (starts["x0"].double().numpy(), starts["v0"].double().numpy()), cfg,
+                                   progress=progress)
+        table = fm.model.drive.landscape.detach()
+        with torch.no_grad():
+            for net in (self.model, self.ema):
+                net.drive.landscape.copy_(table.to(net.drive.landscape))
+        return {"config": dataclasses.asdict(cfg), "target_frames": int(len(target)), "records": records,
+                "wall_s": time.perf_counter() - t0}
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         s = self.system
@@ -472,6 +509,7 @@ class Trainer:
                                    "L_scale": "sqrt(tau/(2n+1))", "features": "dx/(v_th tau), v/v_th"},
             "history_json": self.history,
             "sample_finish_json": self.sample_finish,
+            "landscape_ibi_json": self.landscape_ibi,
         }
 
     def load_state(self, ck: dict[str, Any]) -> None:
@@ -490,6 +528,7 @@ class Trainer:
         torch.set_rng_state(ck["cpu_rng"])
         self.rng.bit_generator.state = ck["numpy_rng_json"]
         self.history = list(ck["history_json"])
+        self.landscape_ibi = ck.get("landscape_ibi_json")
 
 
 def train(system: str | MolecularSystem, data: Sequence[str] | str, out: str | os.PathLike,
@@ -668,6 +707,14 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
         bar.close()
         if main and trainer.step == cfg.steps and not out.exists():
             save_checkpoint(out, trainer.state())
+        if main and cfg.landscape_ibi_iterations > 0 and trainer.landscape_ibi is None:
+            trainer.landscape_ibi = trainer.refine_landscape(progress)
+            save_checkpoint(out, trainer.state())
+            if progress:
+                from .landscape_ibi import records_summary
+
+                print(f"molflow train: landscape refined: {records_summary(trainer.landscape_ibi['records'])}",
+                      file=sys.stderr)
         if main and cfg.verdict_replicas > 0:
             verdict = trainer.verdict()
             state = trainer.state()

@@ -202,11 +202,9 @@ class Group:
         self.energies = None if self.context_energy else \
             (energies or EnergyEvaluator(mol, "CPU" if spec.platform in GPU_PLATFORMS else spec.platform))
         self.kT = BOLTZMANN_KJ_MOL_K * spec.temperature_K
-        # per-frame constants of read_frame and _guard (the numbers onstep_velocities uses, made once)
-        self._half_dt = 0.5 * self.dt_ps
-        self._mass_col = np.asarray(self.masses, dtype=np.float64)[:, None]  # (C*A, 1)
+        # per-frame constants of _guard (masses per DOF, made once)
         self._m3 = np.repeat(np.asarray(mol.masses_amu, dtype=np.float64), 3)  # (A*3,) one copy's mass per DOF
-        self._mass_dof = np.repeat(self._mass_col, 3, axis=1)  # (C*A, 3)
+        self._mass_dof = np.repeat(np.asarray(self.masses, dtype=np.float64)[:, None], 3, axis=1)  # (C*A, 3)
         # sum of m v^2 of one copy at EXPLOSION_FACTOR x the target temperature, less 1e-9 so rounding
         # never hides a copy the exact check (_check_velocities) would stop
         self._mv2_max = EXPLOSION_FACTOR * spec.temperature_K * 3 * self.n_atoms * BOLTZMANN_KJ_MOL_K * (1 - 1e-9)
@@ -304,7 +302,7 @@ class Group:
         else:
             s = self._state(positions=True, velocities=True, forces=True, energy=self.context_energy)
             energy = s.get("e")
-        s["v"] = v = s["u"] - self._half_dt * s["f"] / self._mass_col  # onstep_velocities, the same arithmetic
+        s["v"] = v = onstep_velocities(s["u"], s["f"], self.masses, self.dt_ps)
         self._guard(s)
         x_file = self.layout.to_file_frame(s["x"])
         frame = {"positions": x_file, "velocities": v.reshape(C, A, 3), "forces": s["f"].reshape(C, A, 3),

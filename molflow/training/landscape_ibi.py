@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..evaluation.metrics import js_divergence
 from ..models.torsion_drive import dihedral_and_gradient
 
 
@@ -68,17 +69,6 @@ def ibi_update(c_map: np.ndarray, c_data: np.ndarray, damping: float, clip_kT: f
     return damping * np.clip(d, -clip_kT, clip_kT)
 
 
-def js_rows(p: np.ndarray, q: np.ndarray) -> list[float]:
-    """Jensen-Shannon divergence (nats) of each row of two count tables (K, n)."""
-    out = []
-    for a, b in zip(np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)):
-        a, b = a / a.sum(), b / b.sum()
-        m = (a + b) / 2
-        out.append(float(0.5 * np.sum(a[a > 0] * np.log(a[a > 0] / m[a > 0]))
-                         + 0.5 * np.sum(b[b > 0] * np.log(b[b > 0] / m[b > 0]))))
-    return out
-
-
 def ibi_refine(table: np.ndarray, sample_counts: Callable[[np.ndarray, int], np.ndarray], c_data: np.ndarray,
                cfg: LandscapeIBIConfig, log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """Iterate :func:`ibi_update`: ``sample_counts(table, iteration)`` returns the sampler's counts
@@ -90,7 +80,7 @@ def ibi_refine(table: np.ndarray, sample_counts: Callable[[np.ndarray, int], np.
     for it in range(cfg.iterations + 1):
         t0 = time.perf_counter()
         c_map = np.asarray(sample_counts(table, it), dtype=np.float64)
-        rec = {"iteration": it, "js_end_angle_vs_data": js_rows(c_map, c_data),
+        rec = {"iteration": it, "js_end_angle_vs_data": [js_divergence(a, b) for a, b in zip(c_map, c_data)],
                "seconds": time.perf_counter() - t0}
         if it < cfg.iterations:
             step = ibi_update(c_map, c_data, cfg.damping * cfg.damping_decay ** it, cfg.clip_kT, cfg.pseudo_count)

@@ -444,16 +444,26 @@ class Trainer:
                     out.update(torsion_step_spread(b["x0"], xt, b["x1"], self.system, key))
         return out
 
+    def _ema_flowmap(self):
+        """A sampler (molflow.sampling.FlowMap, CPU float32) of a copy of the EMA map, with its finish."""
+        from ..sampling import FlowMap
+
+        return FlowMap(copy.deepcopy(self.ema).cpu().float(), self.system, self.data.h0_ps,
+                       {"train_config": dataclasses.asdict(self.config), "sample_finish": self.sample_finish})
+
+    def _tau_max_jump_ps(self) -> float:
+        """tau_max rounded to a whole number (>= 1) of the data's frame interval, ps."""
+        return max(1, int(round(self.config.tau_max_ps / self.data.h0_ps))) * self.data.h0_ps
+
     @torch.no_grad()
     def verdict(self) -> dict[str, Any]:
         """Free-running rollouts of the EMA map from held-out states at tau_max (molflow.sampling's
         guards, the map's recommended finish): stable or not, bond spread vs the held-out data,
         kinetic temperature — with a one-line ``line``."""
-        from ..sampling import FlowMap, rollout_verdict
+        from ..sampling import rollout_verdict
 
         c = self.config
-        fm = FlowMap(copy.deepcopy(self.ema).cpu().float(), self.system, self.data.h0_ps,
-                     {"train_config": dataclasses.asdict(c), "sample_finish": self.sample_finish})
+        fm = self._ema_flowmap()
         rng = np.random.default_rng(2024)
         ref = self.data.batch(256, 1, rng, split="val")
         b = np.asarray(self.system.bonds, dtype=int).reshape(-1, 2)
@@ -461,24 +471,19 @@ class Trainer:
         ref_std = np.linalg.norm(x[:, b[:, 0]] - x[:, b[:, 1]], axis=-1).std(0)
         n = c.verdict_replicas
         starts = self.data.batch(n, 1, rng, split="val")
-        k = max(1, int(round(c.tau_max_ps / self.data.h0_ps)))
-        tau = k * self.data.h0_ps
-        return rollout_verdict(fm, starts["x0"].double().numpy(), starts["v0"].double().numpy(), tau,
-                               c.verdict_jumps, ref_std, seed=self.seed)
+        return rollout_verdict(fm, starts["x0"].double().numpy(), starts["v0"].double().numpy(),
+                               self._tau_max_jump_ps(), c.verdict_jumps, ref_std, seed=self.seed)
 
     def refine_landscape(self, progress: bool) -> dict[str, Any]:
         """Refine the EMA map's torsion-drive landscape (config ``landscape_ibi_*``;
         :mod:`molflow.training.landscape_ibi`) and copy it into the trained model; returns the record."""
-        from ..sampling import FlowMap
         from .landscape_ibi import LandscapeIBIConfig, refine_landscape
 
         c = self.config
         t0 = time.perf_counter()
-        fm = FlowMap(copy.deepcopy(self.ema).cpu().float(), self.system, self.data.h0_ps,
-                     {"train_config": dataclasses.asdict(c), "sample_finish": self.sample_finish})
-        k = max(1, int(round(c.tau_max_ps / self.data.h0_ps)))
+        fm = self._ema_flowmap()
         cfg = LandscapeIBIConfig(iterations=c.landscape_ibi_iterations, replicas=c.landscape_ibi_replicas,
-                                 jumps=c.landscape_ibi_jumps, tau_ps=k * self.data.h0_ps, damping=c.landscape_ibi_damping,
+                                 jumps=c.landscape_ibi_jumps, tau_ps=self._tau_max_jump_ps(), damping=c.landscape_ibi_damping,
                                  damping_decay=c.landscape_ibi_damping_decay, seed=self.seed)
         target = self.data.training_positions(c.landscape_ibi_frames, skip_ps=c.landscape_ibi_skip_ps)
         starts = self.data.batch(cfg.replicas, 1, np.random.default_rng(self.seed), split="val")

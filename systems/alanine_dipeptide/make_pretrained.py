@@ -75,8 +75,9 @@ PROBE_TAUS = (0.1, 0.5)
 # Phase 3 (issue 17): the drive's landscape refined by iterative Boltzmann inversion
 # (molflow.training.landscape_ibi) so the free-running map's phi/psi end-angle marginals match the
 # training data's, with the first DATA_BURN_PS of every training replica left out of the target (the
-# replicas start from the minimised structure, in beta: over their first 20 ps alpha_R holds 0.19-0.29
-# of the frames, afterwards 0.27-0.39). Measured: README, issue 17.
+# replicas start from the minimised structure, in beta: in data_20fs_b alpha_R holds 0.351 of all frames
+# and 0.390 after the first 20 ps, benchmarks/results/fidelity_cpu_landscape_ibi_probes.json).
+# Measured: README, issue 17.
 LANDSCAPE_IBI = dict(iterations=4, replicas=32, jumps=800, burn_jumps=40, damping=0.7, damping_decay=0.7,
                      clip_kT=2.0, pseudo_count=0.5, seed=100)
 DATA_BURN_PS = 20.0
@@ -132,7 +133,29 @@ def main() -> int:
                       progress=not args.quiet, resume=resume, overwrite=not resume,
                       init_from=None if resume else full, **FINETUNE)
         tune_s = time.perf_counter() - t0
-    ck = load_checkpoint(tuned if args.finetune_steps else full)
+    source = tuned if args.finetune_steps else full
+    ck = load_checkpoint(source)
+    ibi_s, ibi_records = None, None
+    if args.landscape_iterations:  # phase 3, on the phase-2 map with the finish shipped below
+        import h5py
+
+        from molflow.finish import FinishConfig
+        from molflow.training.landscape_ibi import LandscapeIBIConfig, records_summary, refine_landscape
+
+        t0 = time.perf_counter()
+        fm = molflow.FlowMap.load(source, device="cpu")
+        target = []
+        for d, path in zip(DATA, files):
+            with h5py.File(path, "r") as f:
+                burn = int(round(DATA_BURN_PS * 1000.0 / d["frame_fs"]))
+                target.append(f["positions"][:, burn:].reshape(-1, fm.system.n_atoms, 3))
+        cfg = LandscapeIBIConfig(**{**LANDSCAPE_IBI, "iterations": args.landscape_iterations})
+        ibi_records = refine_landscape(fm, np.concatenate(target), start_states_from_run(files[-1], cfg.replicas),
+                                       cfg, finish=FinishConfig(**SAMPLE_FINISH), progress=not args.quiet)
+        for k in ("model", "ema"):
+            ck[k]["drive.landscape"] = fm.model.drive.landscape.detach().cpu().to(ck[k]["drive.landscape"].dtype)
+        ibi_s = time.perf_counter() - t0
+        print(f"phase 3: {records_summary(ibi_records)} ({ibi_s:.0f} s)", flush=True)
     keep = ("model", "ema", "step", "h0_ps", "seed", "map_config_json", "train_config_json", "system_json",
             "normalisation_json", "history_json", "health_json", "verdict_json", "sample_finish_json")
     # the per-step history (tens of thousands of rows) stays in model_full.pt.metrics.csv; the shipped
@@ -141,31 +164,6 @@ def main() -> int:
     hist += (ck.get("history_json") or [])[-1:]
     save_checkpoint(args.out, {**{k: ck[k] for k in keep if k in ck}, "history_json": hist,
                                "sample_finish_json": SAMPLE_FINISH})
-
-    ibi_s, ibi_records = None, None
-    if args.landscape_iterations:
-        import h5py
-
-        from molflow.training.landscape_ibi import LandscapeIBIConfig, records_summary, refine_landscape
-
-        t0 = time.perf_counter()
-        fm = molflow.FlowMap.load(args.out, device="cpu")
-        target = []
-        for d, path in zip(DATA, files):
-            with h5py.File(path, "r") as f:
-                burn = int(round(DATA_BURN_PS * 1000.0 / d["frame_fs"]))
-                target.append(f["positions"][:, burn:].reshape(-1, fm.system.n_atoms, 3))
-        cfg = LandscapeIBIConfig(**{**LANDSCAPE_IBI, "iterations": args.landscape_iterations})
-        ibi_records = refine_landscape(fm, np.concatenate(target), start_states_from_run(files[-1], cfg.replicas),
-                                       cfg, progress=not args.quiet)
-        landscape = fm.model.drive.landscape.detach().cpu()
-        ck = load_checkpoint(args.out)
-        for k in ("model", "ema"):
-            if ck.get(k) is not None:
-                ck[k]["drive.landscape"] = landscape.to(ck[k]["drive.landscape"].dtype)
-        save_checkpoint(args.out, {k: v for k, v in ck.items() if k not in ("format", "molflow_version")})
-        ibi_s = time.perf_counter() - t0
-        print(f"phase 3: {records_summary(ibi_records)} ({ibi_s:.0f} s)", flush=True)
 
     fm = molflow.FlowMap.load(args.out, device="cpu")
     x0, v0 = start_states_from_run(files[0], 32)

@@ -206,17 +206,32 @@ def binned_drive_model(ala2):
     return m
 
 
+@pytest.fixture(scope="module")
+def pair_drive_model(ala2, binned_drive_model):
+    """The binned drive's weights plus a random pair landscape (12 nodes per axis, +-1 kT scale)."""
+    from molflow.models.molecular import build_model
+
+    m = build_model(ala2, MapConfig(n_coefficients=3, n_latent=3, n_features=16, n_layers=2, torsion_drive=16,
+                                    torsion_drive_bins=24, torsion_drive_landscape=36,
+                                    torsion_drive_landscape_pair=12)).double()
+    missing, unexpected = m.load_state_dict(binned_drive_model.state_dict(), strict=False)
+    assert missing == ["drive.landscape_pair"] and not unexpected
+    with torch.no_grad():
+        m.drive.landscape_pair.copy_(torch.randn(12, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    return m
+
+
 @pytest.mark.parametrize("reflect", [False, True])
-@pytest.mark.parametrize("kind", ["implicit", "binned"])
-def test_torsion_drive_keeps_e3_equivariance(drive_model, binned_drive_model, ala2, reflect, kind):
+@pytest.mark.parametrize("kind", ["implicit", "binned", "pair"])
+def test_torsion_drive_keeps_e3_equivariance(drive_model, binned_drive_model, pair_drive_model, ala2, reflect, kind):
     """The drive's angle is odd in its pseudo-scalar inputs, so a mirrored molecule turns the other way;
     forces rotate with the molecule. Without forces the map refuses to jump."""
     from molflow.errors import InputError
 
-    drive_model = drive_model if kind == "implicit" else binned_drive_model
+    drive_model = {"implicit": drive_model, "binned": binned_drive_model, "pair": pair_drive_model}[kind]
     Q, shift = _random_orthogonal(4, reflect), torch.tensor([0.2, 0.5, -1.0], dtype=torch.float64)
     x, v, L, eps, tau = _inputs(ala2)
-    if kind == "binned":  # its own latent vector
+    if kind != "implicit":  # its own latent vector
         eps = torch.cat([eps, torch.randn(eps[:, :1].shape, generator=torch.Generator().manual_seed(6),
                                           dtype=torch.float64)], 1)
         assert drive_model.sample_latent(2).shape[1] == eps.shape[1]
@@ -371,3 +386,44 @@ def _check_binned_law(m, d, ala2):
     for q in range(2):
         emp = (dk[:, q, None] <= grid[None] + w / 2400).double().mean(0)
         assert float((emp - cdf[:, q]).abs().max()) < 1.63 / n ** 0.5
+
+
+def test_pair_landscape_draws_psi_given_phi(binned_drive_model, pair_drive_model, ala2):
+    """A pair landscape leaves phi's law alone and draws psi from its law given phi's end: with a
+    zero table the drive is the binned one exactly; with a random one each psi turn sits at
+    probability level Phi(zeta_psi) of the conditional law log_prob gives for the phi turn drawn
+    (a deterministic identity of the quantile draw, up to the 2400-cell integration: 1e-6), which
+    integrates to 1, and the psi turns differ from the table-free drive's."""
+    from molflow.errors import InputError
+    from molflow.models.torsion_drive import build_torsion_drive
+
+    with pytest.raises(InputError, match="landscape_pair"):
+        build_torsion_drive(ala2, 3, 8, 8, 0, landscape_pair=8)
+    m, d, d0 = pair_drive_model, pair_drive_model.drive, binned_drive_model.drive
+    x, v, L, eps, tau = _inputs(ala2)
+    n = 64
+    g = torch.Generator().manual_seed(12)
+    rep = lambda t: t[:1].expand(n, *t.shape[1:])  # noqa: E731
+    e = torch.randn(n, m.n_latent_vectors, *x.shape[1:], generator=g, dtype=torch.float64)
+    f = 300.0 * torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        x_net, _, t_feat = m.network_jump(rep(x), rep(v), rep(L), e[:, :m.config.n_latent], rep(tau))
+        inv, pseudo = d.features(rep(x), rep(v), rep(L), e, rep(tau), t_feat, m.masses, m.sigma, m.kT, x_net, rep(f))
+        delta, delta0 = d.delta(inv, pseudo, rep(tau)), d0.delta(inv, pseudo, rep(tau))
+        torch.testing.assert_close(delta[:, 0], delta0[:, 0], atol=1e-12, rtol=0)  # phi: unchanged
+        assert (delta[:, 1] - delta0[:, 1]).abs().max() > 1e-3  # psi: moved by the table
+        saved = d.landscape_pair.clone()
+        d.landscape_pair.zero_()
+        torch.testing.assert_close(d.delta(inv, pseudo, rep(tau)), delta0, atol=1e-12, rtol=0)
+        d.landscape_pair.copy_(saved)
+        w = float(d.half_width(tau[0]))
+        cells = 2400
+        grid = torch.linspace(-w, w, cells + 1, dtype=torch.float64)[:-1] + w / cells
+        u = torch.special.ndtr(pseudo[..., 4])
+        for k in range(0, n, 8):
+            turns = torch.stack([delta[k, 0].expand(cells), grid], -1)  # phi at its draw, psi over the range
+            dens = d.log_prob(inv[k:k + 1].expand(cells, -1, -1), pseudo[k:k + 1].expand(cells, -1, -1),
+                              tau[:1].expand(cells), turns)[:, 1].exp()
+            assert abs(float(dens.sum()) * 2 * w / cells - 1) < 1e-9
+            cdf = float((dens * ((grid + w / cells).clamp(max=delta[k, 1] + 0) - (grid - w / cells)).clamp(min=0)).sum())
+            assert abs(cdf - float(u[k, 1])) < 1e-6, (cdf, float(u[k, 1]))

@@ -244,16 +244,18 @@ def test_cached_drive_fit_moves_only_the_drive(data20fs, tmp_path, bins, landsca
               config={**quiet, "drive_cache_items": 8}, init_from=base, progress=False)
 
 
-def test_landscape_refinement_after_training(data20fs, tmp_path):
+@pytest.mark.parametrize("pair", [0, 12])
+def test_landscape_refinement_after_training(data20fs, tmp_path, pair):
     """``landscape_ibi_iterations`` refines the drive's landscape after the fit
     (molflow.training.landscape_ibi): the same run without it gives every weight bit-identical but the
-    landscape; model and EMA share the refined landscape, which moved by at most damping x clip per
-    node (0.7 x 2 kT); the record (one per rollout set) is in the checkpoint; a map without a
-    landscape is refused."""
+    landscape (and the pair table, with ``torsion_drive_landscape_pair``); model and EMA share the
+    refined tables, each of which moved by at most damping x clip per node (0.7 x 2 kT); the record
+    (one per rollout set) is in the checkpoint; a map without a landscape is refused."""
     import json
 
     base = _small_base(data20fs, tmp_path, steps=2)
     cfg = {**_QUIET_SMALL, "torsion_drive": 8, "torsion_drive_bins": 24, "torsion_drive_landscape": 36,
+           "torsion_drive_landscape_pair": pair,
            "train_only": "torsion_drive", "objective": "torsion_crps", "drive_cache_items": 64,
            "validation_items": 32, "batch_size": 32, "lr": 1e-2, "drive_cache_draws": 3}
     ibi = {"landscape_ibi_iterations": 1, "landscape_ibi_replicas": 4, "landscape_ibi_jumps": 8,
@@ -263,14 +265,18 @@ def test_landscape_refinement_after_training(data20fs, tmp_path):
         train("alanine_dipeptide", [str(data20fs)], out, tau_max_ps=0.1, steps=20, seed=2, device="cpu",
               config={**cfg, **extra}, init_from=base, progress=False)
     a, b = torch.load(plain, weights_only=True), torch.load(refined, weights_only=True)
+    tables = ["drive.landscape"] + (["drive.landscape_pair"] if pair else [])
+    assert ("drive.landscape_pair" in a["model"]) == bool(pair)
     for key in a["model"]:
-        if key != "drive.landscape":
+        if key not in tables:
             torch.testing.assert_close(a["model"][key], b["model"][key], atol=0, rtol=0)
-    change = (b["model"]["drive.landscape"] - a["model"]["drive.landscape"]).abs()
-    assert 0 < change.max() <= 0.7 * 2.0 + 1e-9
-    torch.testing.assert_close(b["model"]["drive.landscape"], b["ema"]["drive.landscape"], atol=0, rtol=0)
+    for key in tables:
+        change = (b["model"][key] - a["model"][key]).abs()
+        assert 0 < change.max() <= 0.7 * 2.0 + 1e-9, key
+        torch.testing.assert_close(b["model"][key], b["ema"][key], atol=0, rtol=0)
     rec = json.loads(b["landscape_ibi_json"])
     assert len(rec["records"]) == 2 and rec["target_frames"] > 0
+    assert ("js_pair_vs_data" in rec["records"][0]) == bool(pair)
     assert json.loads(a["landscape_ibi_json"]) is None
     with pytest.raises(InputError, match="landscape"):
         train("alanine_dipeptide", [str(data20fs)], tmp_path / "x.pt", tau_max_ps=0.1, steps=1, device="cpu",

@@ -100,6 +100,8 @@ class MapConfig:
     # bins and a latent vector of its own; 0: an implicit law (the turn a function of the map's last latent)
     torsion_drive_landscape: int = 0  # > 0 (binned drives): the law also weighs each bin by a learned
     # potential of mean force of its end angle, on a periodic grid of this many nodes; 0: none
+    torsion_drive_landscape_pair: int = 0  # > 0 (with a landscape): psi's turn also weighs each bin by a
+    # joint table of (phi end, psi end) per residue, this many nodes per axis, drawn after phi's turn
     output_gain: float = 0.0  # > 0: a learned gain on the correction, starting at this value (measured
     # in issue 16: it slows short training without making it safer than the cap; off by default)
 
@@ -309,5 +311,5 @@ def build_model(system, config: MapConfig) -> MolecularFlowMap:
         from .torsion_drive import build_torsion_drive
 
         drive = build_torsion_drive(system, config.n_coefficients, config.torsion_drive, config.torsion_drive_bins,
-                                    config.torsion_drive_landscape)
+                                    config.torsion_drive_landscape, config.torsion_drive_landscape_pair)
     return MolecularFlowMap(scal, edges, system.masses_amu, system.kT_kj_mol, system.friction_per_ps, config, drive)

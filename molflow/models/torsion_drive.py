@@ -52,6 +52,15 @@ by the sign of the residue's CA centre (a pseudo-scalar, fed to the MLP too), so
 the mirrored landscape and the map stays E(3)-equivariant; a residue without CB sees a flat one. A
 wall of the free-energy surface (phi past -pi) is then one learned fact instead of a cutoff the MLP
 must place anew for every start (measured on alanine dipeptide: README, issue 17).
+
+With a **pair landscape** (``torsion_drive_landscape_pair`` > 0 nodes per axis, needs a landscape) a
+residue's psi turn is drawn *after* its phi turn and its logits also subtract a learned joint table
+P(phi_end, psi_end) (kT, periodic bilinear, both angles in the L residue's frame as above) at the
+residue's phi end angle (the network's plus the phi turn just drawn) and each psi bin's end angle. The
+1-D landscapes set the phi and psi marginals; P sets how psi's law depends on where phi ends, which
+the marginals cannot (measured on alanine dipeptide after the 1-D refinement: the phi and psi free
+energies within 0.8 kJ/mol of MD but the joint one 1.8; README, issue 17). It starts at zero (the
+drive unchanged) and is refined with the 1-D tables by :mod:`molflow.training.landscape_ibi`.
 """
 from __future__ import annotations
 
@@ -140,14 +149,18 @@ class TorsionDrive(nn.Module):
 
     def __init__(self, quads: np.ndarray, kinds: np.ndarray, partners: np.ndarray, sides: np.ndarray,
                  n_coefficients: int, hidden: int, bins: int = 0, landscape: int = 0,
-                 centres: np.ndarray | None = None):
+                 centres: np.ndarray | None = None, landscape_pair: int = 0):
         super().__init__()
         if bins < 0 or bins == 1:
             raise InputError(f"torsion_drive_bins must be 0 (an implicit law) or at least 2, not {bins}")
         if landscape and (not bins or landscape < 4):
             raise InputError("torsion_drive_landscape needs a binned drive (torsion_drive_bins > 0) and at least 4 nodes")
+        if landscape_pair and (not landscape or landscape_pair < 4):
+            raise InputError("torsion_drive_landscape_pair needs a landscape (torsion_drive_landscape > 0) "
+                             "and at least 4 nodes per axis")
         self.bins = int(bins)
         self.n_landscape = int(landscape)
+        self.n_pair = int(landscape_pair)
         Q = len(quads)
         if Q == 0:
             raise InputError("the torsion drive needs backbone phi/psi torsions; this molecule has none")
@@ -164,6 +177,8 @@ class TorsionDrive(nn.Module):
             self.register_buffer("centres", torch.as_tensor(c), persistent=False)  # (N, CA, C, CB) per torsion
             # a learned potential of mean force (kT) of each torsion kind's end angle, on a periodic grid
             self.landscape = nn.Parameter(torch.zeros(2, self.n_landscape, dtype=torch.get_default_dtype()))
+        if self.n_pair:  # the residue's joint (phi end, psi end) table (kT), applied to psi's turn
+            self.landscape_pair = nn.Parameter(torch.zeros(self.n_pair, self.n_pair, dtype=torch.get_default_dtype()))
         n_in = 2 * (_N_INV_OWN + n_pseudo_own)
         self.n_pseudo_own = n_pseudo_own
         self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -190,9 +205,17 @@ class TorsionDrive(nn.Module):
         if not self.bins:
             h = self.mlp(torch.cat([inv, pseudo], -1)) - self.mlp(torch.cat([inv, -pseudo], -1))
             return h[..., 0] * torch.sqrt(tau.clamp_min(0))[..., None]
-        prob = torch.softmax(self._logits(inv, pseudo, tau), -1)
-        cdf = torch.cumsum(prob, -1)
         u = torch.special.ndtr(pseudo[..., _ZETA])
+        d = self._quantile(self._logits(inv, pseudo, tau), u, tau)
+        if self.n_pair:  # psi's law given where phi ends: phi's turns above are final (no pair term on phi)
+            d = self._quantile(self._logits(inv, pseudo, tau, d[..., self.partners]), u, tau)
+        return d
+
+    def _quantile(self, logits: torch.Tensor, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """The turn (..., Q) rad at probability level u (..., Q) of the piecewise-uniform law with bin
+        ``logits`` (..., Q, bins) over [-w, w]."""
+        prob = torch.softmax(logits, -1)
+        cdf = torch.cumsum(prob, -1)
         j = torch.searchsorted(cdf.detach(), u.detach()[..., None].contiguous()).clamp(max=self.bins - 1)
         pj = prob.gather(-1, j)
         frac = ((u[..., None] - (cdf.gather(-1, j) - pj)) / pj.clamp_min(1e-12)).clamp(0, 1)
@@ -203,10 +226,13 @@ class TorsionDrive(nn.Module):
         """A binned drive's turns lie in [-w, w] rad, w = min(pi, BIN_HALF_WIDTH * sqrt(tau / ps))."""
         return (BIN_HALF_WIDTH * torch.sqrt(tau.clamp_min(1e-8))).clamp(max=torch.pi)
 
-    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor,
+                partner_delta: torch.Tensor | None = None) -> torch.Tensor:
         """Bin logits (..., Q, bins) of a binned drive, from every input but the latents zeta (its own
         and its partner's): a mirror image (pseudo-scalars negated) gets the bins in reverse order.
-        With a landscape, minus the learned potential of mean force (kT) at each bin's end angle."""
+        With a landscape, minus the learned potential of mean force (kT) at each bin's end angle; with
+        a pair landscape and the partners' turns ``partner_delta`` (..., Q) rad, a psi torsion's bins
+        also minus the joint table at (its phi's end angle, the bin's end angle)."""
         keep = torch.ones(pseudo.shape[-1], dtype=pseudo.dtype, device=pseudo.device)
         keep[_ZETA] = 0
         keep[self.n_pseudo_own + _ZETA] = 0
@@ -219,7 +245,27 @@ class TorsionDrive(nn.Module):
         chi = pseudo[..., self.n_pseudo_own - 1]
         mid = (torch.arange(self.bins, device=p.device, dtype=p.dtype) + 0.5) / self.bins * 2 - 1
         end = chi[..., None] * (theta_net[..., None] + mid * self.half_width(tau)[..., None, None])
-        return logits - self._pmf(end)
+        logits = logits - self._pmf(end)
+        if self.n_pair and partner_delta is not None:
+            partner_end = chi * (theta_net[..., self.partners] + partner_delta)  # phi's end, for a psi row
+            logits = logits - self.kinds[:, 1, None].to(logits.dtype) * self._pair_pmf(partner_end[..., None].expand_as(end), end)
+        return logits
+
+    def _pair_pmf(self, phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        """The pair landscape (kT) at end angles phi, psi (same shape, rad, the L residue's frame):
+        periodic bilinear interpolation on its grid (node i at -pi + 2 pi i / n)."""
+        n = self.n_pair
+        table = self.landscape_pair.to(phi.dtype)
+
+        def split(a):
+            pos = torch.remainder(a + torch.pi, 2 * torch.pi) / (2 * torch.pi) * n
+            i0 = pos.floor().long().clamp(0, n - 1)
+            return i0, (i0 + 1) % n, pos - pos.floor()
+
+        a0, a1, fa = split(phi)
+        b0, b1, fb = split(psi)
+        return ((table[a0, b0] * (1 - fb) + table[a0, b1] * fb) * (1 - fa)
+                + (table[a1, b0] * (1 - fb) + table[a1, b1] * fb) * fa)
 
     def _pmf(self, angle: torch.Tensor) -> torch.Tensor:
         """The landscape (kT) of each torsion's kind at angles (..., Q, m) rad (periodic linear
@@ -240,7 +286,8 @@ class TorsionDrive(nn.Module):
             raise InputError("log_prob needs a binned torsion drive (torsion_drive_bins > 0)")
         w = self.half_width(tau)[..., None]
         j = torch.floor((delta / w + 1) / 2 * self.bins).clamp(0, self.bins - 1).long()
-        lp = torch.log_softmax(self._logits(inv, pseudo, tau), -1).gather(-1, j[..., None])[..., 0]
+        partner = delta[..., self.partners] if self.n_pair else None
+        lp = torch.log_softmax(self._logits(inv, pseudo, tau, partner), -1).gather(-1, j[..., None])[..., 0]
         return lp + math.log(self.bins) - torch.log(2 * w)
 
     def features(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor,
@@ -358,7 +405,7 @@ def _centres(system, quads: np.ndarray, n_phi: int) -> np.ndarray:
 
 
 def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0,
-                        landscape: int = 0) -> TorsionDrive:
+                        landscape: int = 0, landscape_pair: int = 0) -> TorsionDrive:
     """The drive for a :class:`~molflow.systems.MolecularSystem`: its backbone phi and psi."""
     d = system.dihedral_indices()
     phi, psi = np.asarray(d["phi"]).reshape(-1, 4), np.asarray(d["psi"]).reshape(-1, 4)
@@ -369,4 +416,4 @@ def build_torsion_drive(system, n_coefficients: int, hidden: int, bins: int = 0,
     sides = np.stack([rotating_side(system.bonds, system.n_atoms, int(q[1]), int(q[2])) for q in quads]) \
         if len(quads) else np.zeros((0, system.n_atoms), dtype=bool)
     return TorsionDrive(quads, kinds, partners, sides.astype(float), n_coefficients, hidden, bins, landscape,
-                        _centres(system, quads, n) if landscape else None)
+                        _centres(system, quads, n) if landscape else None, landscape_pair)

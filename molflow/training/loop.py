@@ -489,10 +489,12 @@ class Trainer:
         starts = self.data.batch(cfg.replicas, 1, np.random.default_rng(self.seed), split="val")
         records = refine_landscape(fm, target, (starts["x0"].double().numpy(), starts["v0"].double().numpy()), cfg,
                                    progress=progress)
-        table = fm.model.drive.landscape.detach()
         with torch.no_grad():
-            for net in (self.model, self.ema):
-                net.drive.landscape.copy_(table.to(net.drive.landscape))
+            for name in ("landscape", "landscape_pair"):
+                if hasattr(fm.model.drive, name):
+                    table = getattr(fm.model.drive, name).detach()
+                    for net in (self.model, self.ema):
+                        getattr(net.drive, name).copy_(table.to(getattr(net.drive, name)))
         return {"config": dataclasses.asdict(cfg), "target_frames": int(len(target)), "records": records,
                 "wall_s": time.perf_counter() - t0}
 
@@ -658,7 +660,8 @@ def _train(ctx, system, data, out: Path, tau_max_ps, n_coefficients, steps, devi
             map_cfg = dataclasses.replace(base_cfg, torsion_drive=added or base_cfg.torsion_drive)
             if added:  # and the added drive's law
                 map_cfg = dataclasses.replace(map_cfg, torsion_drive_bins=int(given.get("torsion_drive_bins", 0)),
-                                              torsion_drive_landscape=int(given.get("torsion_drive_landscape", 0)))
+                                              torsion_drive_landscape=int(given.get("torsion_drive_landscape", 0)),
+                                              torsion_drive_landscape_pair=int(given.get("torsion_drive_landscape_pair", 0)))
             if map_cfg.n_coefficients != frames.n_coefficients:
                 raise InputError(f"{init_from} takes N = {map_cfg.n_coefficients} path coefficients, "
                                  f"the data give {frames.n_coefficients}")

@@ -5,7 +5,7 @@
 
 Records the training data with ``molflow.simulate`` (two runs, 16 + 48 replicas x 100 ps = 6.4 ns,
 20 fs frames, N = 3 path coefficients, fixed seeds; reused when ``DIR`` already holds them), trains
-the map with ``molflow.train`` at tau_max = 0.5 ps in three phases (settings below, all recorded in
+the map with ``molflow.train`` at tau_max = 0.5 ps in four phases (settings below, all recorded in
 the checkpoints; checkpointed every 500 steps, ``--resume`` continues the same schedule after an
 interruption): phase 1 with the default ``whitened_crps`` objective, phase 2 adds a binned torsion
 drive to phase 1 (``init_from``, ``torsion_drive``, ``torsion_drive_bins``;

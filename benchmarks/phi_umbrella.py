@@ -1,0 +1,271 @@
+"""An umbrella-sampling reference for alanine dipeptide's phi free energy (issue 17).
+
+    python benchmarks/phi_umbrella.py --out benchmarks/results/phi_umbrella_cpu.json \\
+        [--compare ref_100fs.h5 W/rollout.h5 ...] [--windows 36] [--k 200] [--ps 400] [--workers 2]
+
+Why: plain MD crosses from phi < 0 into alpha_L / C7ax (phi > 0) about twice per 100 ns, and one
+visit lasts from ~0.1 ps to several ns, so the alpha_L population of a 100-ns reference rests on one
+or two events (two 100-ns references made with the same protocol: 0.01% and 3.8%). Umbrella sampling
+pins it down: ``--windows`` harmonic restraints on phi (``--k`` kJ/mol/rad^2, centres every 360 /
+windows deg), each sampled for ``--ps`` ps (after 10 ps of equilibration; frames every 0.1 ps) with
+stock OpenMM (LangevinMiddleIntegrator, the system's force field, temperature, friction and step,
+Reference platform), in two chains of neighbouring windows (one from phi = -80 deg upwards, one
+downwards) on ``--workers`` processes. The windows are unbiased jointly by MBAR (self-consistent
+free energies of the windows; every frame gets the weight 1 / sum_k N_k exp(f_k - u_k)), which gives
+the Boltzmann law of (phi, psi) without any rare-event wait. Errors: a block bootstrap (blocks of
+``--block-ps`` ps resampled within each window, ``--bootstrap`` times).
+
+Reported (JSON and table): the basin populations (molflow.evaluation.metrics.BASINS; alpha_L_C7ax is
+phi > 0) and the phi free-energy profile (64 bins, kJ/mol, zero at its minimum); for each
+``--compare`` file (a molflow run: a reference or sampled rollouts), its basin populations, JS(phi, psi)
+against the umbrella law, also for the law given phi < 0 (beta and alpha_R, both sides renormalised:
+what a map that never enters alpha_L can be judged on), and the psi free-energy RMSE
+(molflow.evaluation.metrics, the evaluator's conventions; no phi or 2-D RMSE: the umbrella samples
+every phi bin up to the barrier tops, which plain MD never visits, and the evaluator's RMSE charges
+each such bin), over all its replicas and, for a reference, over each evaluator half.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _chain(args) -> list[dict]:
+    """Sample the windows ``centres`` (rad) in order, each starting from the last one's state."""
+    centres, k, ps, seed, frame_fs, equil_ps = args
+    import openmm
+    from openmm import unit
+
+    from molflow.evaluation.dihedrals import phi_psi
+    from molflow.systems import load_system
+
+    mol = load_system("alanine_dipeptide")
+    system = mol.create_system()
+    phi_q, _ = mol.central_dihedrals()
+    bias = openmm.CustomTorsionForce("0.5*k_umb*dt^2; dt = min(ad, 2*pi - ad); ad = abs(theta - theta0); "
+                                     "pi = 3.141592653589793")
+    bias.addGlobalParameter("k_umb", float(k))
+    bias.addGlobalParameter("theta0", float(centres[0]))
+    bias.addTorsion(*[int(i) for i in np.asarray(phi_q).ravel()[:4]], [])
+    system.addForce(bias)
+    integ = openmm.LangevinMiddleIntegrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs / 1000.0)
+    integ.setRandomNumberSeed(int(seed))
+    plat = openmm.Platform.getPlatformByName("Reference")
+    ctx = openmm.Context(system, integ, plat)
+    ctx.setPositions(mol.positions_nm * unit.nanometer)
+    ctx.setVelocitiesToTemperature(mol.temperature_K, int(seed))
+    per_frame = int(round(frame_fs / mol.timestep_fs))
+    n_frames = int(round(ps * 1000.0 / frame_fs))
+    out = []
+    for i, c in enumerate(centres):
+        ctx.setParameter("theta0", float(c))
+        integ.step(int(round((equil_ps * (2 if i == 0 else 1)) * 1000.0 / mol.timestep_fs)))
+        x = np.empty((n_frames, mol.n_atoms, 3))
+        for f in range(n_frames):
+            integ.step(per_frame)
+            x[f] = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        phi, psi = phi_psi(x, mol)
+        out.append({"centre_rad": float(c), "phi": np.asarray(phi).ravel(), "psi": np.asarray(psi).ravel()})
+        print(f"window {np.degrees(c):7.1f} deg: phi mean {np.degrees(np.angle(np.exp(1j * out[-1]['phi']).mean())):7.1f}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def _reduced_bias(phi: np.ndarray, centres: np.ndarray, k: float, kT: float) -> np.ndarray:
+    """u_kn (K, n): each window's bias energy in kT at every frame's phi (rad)."""
+    d = np.abs(phi[None, :] - centres[:, None]) % (2 * np.pi)
+    d = np.minimum(d, 2 * np.pi - d)
+    return 0.5 * k * d * d / kT
+
+
+def mbar_weights(u: np.ndarray, n_k: np.ndarray) -> np.ndarray:
+    """Normalised unbiased weights (n,) of the pooled frames of K biased windows: u (K, n) reduced bias
+    energies, n_k (K,) frames per window. The window free energies f_k minimise MBAR's convex objective
+    sum_n log sum_k N_k exp(f_k - u_kn) - sum_k N_k f_k (f_0 = 0; L-BFGS with its exact gradient), and
+    every frame weighs 1 / sum_k N_k exp(f_k - u_kn)."""
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    log_n = np.log(n_k)
+
+    def objective(f_rest):
+        f = np.concatenate([[0.0], f_rest])
+        a = log_n[:, None] + f[:, None] - u
+        lse = logsumexp(a, axis=0)
+        grad = np.exp(a - lse[None, :]).sum(1) - n_k
+        return lse.sum() - float(n_k @ f), grad[1:]
+
+    res = minimize(objective, np.zeros(len(n_k) - 1), jac=True, method="L-BFGS-B",
+                   options={"maxiter": 5000, "gtol": 1e-8 * float(n_k.sum())})
+    f = np.concatenate([[0.0], res.x])
+    log_w = -logsumexp(log_n[:, None] + f[:, None] - u, axis=0)
+    w = np.exp(log_w - log_w.max())
+    return w / w.sum()
+
+
+def _phi_profile(phi, w, kT, bins=64) -> list[float | None]:
+    h, _ = np.histogram(phi, bins=bins, range=(-np.pi, np.pi), weights=w)
+    with np.errstate(divide="ignore"):
+        F = -kT * np.log(h / h.sum())
+    F -= F[np.isfinite(F)].min()
+    return [float(v) if np.isfinite(v) else None for v in F]
+
+
+def _read_run(path: str, mol, stride_ps: float = 0.5):
+    """(phi, psi) (replicas, frames) of a molflow run file, one frame per ``stride_ps`` ps, without
+    frames holding non-finite positions (a stopped rollout)."""
+    import h5py
+
+    from molflow.evaluation.dihedrals import phi_psi
+
+    with h5py.File(path, "r") as f:
+        t = np.asarray(f["time"][:2], dtype=float) if "time" in f else None
+        dt_ps = float(t[1] - t[0]) if t is not None and len(t) > 1 else float(f.attrs.get("frame_ps", 0.1))
+        step = max(1, int(round(stride_ps / dt_ps)))
+        x = f["positions"][:, ::step]
+    R, T = x.shape[:2]
+    phi, psi = phi_psi(x.reshape(R * T, -1, 3), mol)
+    return np.asarray(phi).reshape(R, T), np.asarray(psi).reshape(R, T)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--windows", type=int, default=36)
+    ap.add_argument("--k", type=float, default=200.0, help="restraint constant, kJ/mol/rad^2 (default 200)")
+    ap.add_argument("--ps", type=float, default=400.0, help="production per window, ps (default 400)")
+    ap.add_argument("--equilibrate-ps", type=float, default=10.0)
+    ap.add_argument("--frame-fs", type=float, default=100.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=20261207)
+    ap.add_argument("--block-ps", type=float, default=20.0)
+    ap.add_argument("--bootstrap", type=int, default=20)
+    ap.add_argument("--compare", nargs="*", default=[], help="molflow run files to score against the umbrella law")
+    ap.add_argument("--samples-out", help="optional .npz with every frame's phi, psi (rad), window and weight")
+    ap.add_argument("--samples-in", help="reuse the windows of an earlier --samples-out (no MD; the JSON says so)")
+    args = ap.parse_args()
+
+    import openmm
+    import torch
+
+    import molflow
+    from molflow.evaluation.metrics import fes_rmse_1d, js_phi_psi
+    from molflow.md.engine import hardware_description
+    from molflow.systems import load_system
+
+    mol = load_system("alanine_dipeptide")
+    kT = mol.kT_kj_mol
+    t0 = time.perf_counter()
+    step = 2 * np.pi / args.windows
+    centres = (np.arange(args.windows) * step + np.pi) % (2 * np.pi) - np.pi  # -180 .. 180 - step
+    start = int(np.argmin(np.abs(centres - np.radians(-80.0))))
+    half = args.windows // 2
+    up = [centres[(start + i) % args.windows] for i in range(half)]
+    down = [centres[(start - 1 - i) % args.windows] for i in range(args.windows - half)]
+    jobs = [(up, args.k, args.ps, args.seed, args.frame_fs, args.equilibrate_ps),
+            (down, args.k, args.ps, args.seed + 1, args.frame_fs, args.equilibrate_ps)]
+    if args.samples_in:
+        z = np.load(args.samples_in)
+        windows = [{"centre_rad": float(c), "phi": z["phi"][z["window"] == i], "psi": z["psi"][z["window"] == i]}
+                   for i, c in enumerate(z["centres"])]
+        md_s = None
+    else:
+        if args.workers > 1:
+            with mp.get_context("spawn").Pool(min(args.workers, 2)) as pool:
+                chains = pool.map(_chain, jobs)
+        else:
+            chains = [_chain(j) for j in jobs]
+        windows = sorted([w for c in chains for w in c], key=lambda w: w["centre_rad"])
+        md_s = time.perf_counter() - t0
+
+    if args.samples_out and not args.samples_in:  # the windows first: the MD is the expensive part
+        np.savez_compressed(args.samples_out, centres=np.array([w["centre_rad"] for w in windows]),
+                            phi=np.concatenate([w["phi"] for w in windows]),
+                            psi=np.concatenate([w["psi"] for w in windows]),
+                            window=np.repeat(np.arange(len(windows)), [len(w["phi"]) for w in windows]))
+    cen = np.array([w["centre_rad"] for w in windows])
+    phi = np.concatenate([w["phi"] for w in windows])
+    psi = np.concatenate([w["psi"] for w in windows])
+    n_k = np.array([len(w["phi"]) for w in windows], dtype=float)
+    win = np.repeat(np.arange(len(windows)), n_k.astype(int))
+    w = mbar_weights(_reduced_bias(phi, cen, args.k, kT), n_k)
+    pops = _pops(phi, psi, w)
+
+    # block bootstrap within windows (frames every 0.5 ps for speed)
+    rng = np.random.default_rng(args.seed)
+    block = max(1, int(round(args.block_ps * 1000.0 / args.frame_fs)))
+    boot = []
+    for _ in range(args.bootstrap):
+        idx = []
+        for k_ in range(len(windows)):
+            lo = int(n_k[:k_].sum())
+            nb = int(n_k[k_]) // block
+            pick = rng.integers(0, nb, nb)
+            idx.append((lo + pick[:, None] * block + np.arange(0, block, 5)[None, :]).ravel())
+        idx = np.concatenate(idx)
+        nk_b = np.bincount(win[idx], minlength=len(windows)).astype(float)
+        wb = mbar_weights(_reduced_bias(phi[idx], cen, args.k, kT), nk_b)
+        boot.append(_pops(phi[idx], psi[idx], wb))
+    se = {name: float(np.std([b[name] for b in boot], ddof=1)) for name in boot[0]} if len(boot) > 1 else {}
+    pop = {name: {"population": pops[name], "se_block_bootstrap": se.get(name)}
+           for name in ("beta", "alpha_R", "alpha_L_C7ax")}
+    F = _phi_profile(phi, w, kT)
+    print(f"umbrella: {len(windows)} windows x {args.ps:g} ps, k {args.k:g} kJ/mol/rad^2 "
+          + (f"({md_s:.0f} s)" if md_s is not None else f"(windows read from {args.samples_in})"))
+    print("populations: " + ", ".join(f"{n} {p['population']:.4f} +- {p['se_block_bootstrap'] or 0:.4f}"
+                                      for n, p in pop.items()))
+
+    compared = []
+    for path in args.compare:
+        ph, ps_ = _read_run(path, mol)
+        ok = np.isfinite(ph) & np.isfinite(ps_)
+        parts = {"all replicas": np.arange(ph.shape[0])}
+        if ph.shape[0] >= 2 and ph.shape[0] <= 16:
+            h = ph.shape[0] // 2
+            parts.update({"held-out half H": np.arange(h), "judge half J": np.arange(h, ph.shape[0])})
+        for label, reps in parts.items():
+            a, b = ph[reps][ok[reps]], ps_[reps][ok[reps]]
+            bp = _pops(a, b, None)
+            row = {"file": "/".join(Path(path).parts[-2:]), "part": label, "replicas": int(len(reps)),
+                   "frames": int(a.size), "populations": bp,
+                   "alpha_L_C7ax_per_replica": [float(np.mean(ph[r][ok[r]] > 0)) for r in reps] if len(reps) <= 16 else None,
+                   "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi, b, kT, weights_ref=w),
+                   "js_phi_psi_vs_umbrella": js_phi_psi(phi, psi, a, b, weights_a=w)}
+            neg, neg_ref = a < 0, phi < 0  # the law given phi < 0 (beta and alpha_R), both renormalised
+            row["js_phi_psi_vs_umbrella_given_phi_negative"] = js_phi_psi(phi[neg_ref], psi[neg_ref], a[neg], b[neg],
+                                                                          weights_a=w[neg_ref])
+            compared.append(row)
+            print(f"{row['file']} ({label}): alpha_L_C7ax {bp['alpha_L_C7ax']:.4f}, alpha_R {bp['alpha_R']:.3f}; "
+                  f"vs umbrella: JS {row['js_phi_psi_vs_umbrella']:.4f}, given phi < 0 "
+                  f"{row['js_phi_psi_vs_umbrella_given_phi_negative']:.4f}; psi FES RMSE "
+                  f"{row['fes_rmse_psi_kj_mol_vs_umbrella']:.2f} kJ/mol")
+
+    if args.samples_out:
+        np.savez_compressed(args.samples_out, phi=phi, psi=psi, window=win, weight=w, centres=cen)
+    result = {"benchmark": "phi_umbrella", "settings": vars(args), "windows_deg": np.degrees(cen).tolist(),
+              "frames_per_window": n_k.astype(int).tolist(), "md_wall_s": md_s, "populations": pop,
+              "phi_free_energy_kj_mol_64_bins": F, "compared": compared,
+              "hardware": hardware_description("CPU"), "openmm": openmm.__version__, "torch": torch.__version__,
+              "molflow": molflow.__version__, "python": platform.python_version(),
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _pops(phi, psi, w) -> dict[str, float]:
+    from molflow.evaluation.metrics import basin_populations
+
+    bp = basin_populations(phi, psi, weights=w, n_bootstrap=0)
+    return {n: float(bp[n]["population"]) for n in ("beta", "alpha_R", "alpha_L_C7ax")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

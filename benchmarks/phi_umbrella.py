@@ -72,7 +72,8 @@ def _chain(args) -> list[dict]:
             integ.step(per_frame)
             x[f] = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         phi, psi = phi_psi(x, mol)
-        out.append({"centre_rad": float(c), "phi": np.asarray(phi).ravel(), "psi": np.asarray(psi).ravel()})
+        out.append({"centre_rad": float(c), "phi": np.asarray(phi).ravel(), "psi": np.asarray(psi).ravel(),
+                    "positions": x.astype(np.float32)})
         print(f"window {np.degrees(c):7.1f} deg: phi mean {np.degrees(np.angle(np.exp(1j * out[-1]['phi']).mean())):7.1f}",
               file=sys.stderr, flush=True)
     return out
@@ -148,7 +149,8 @@ def main() -> int:
     ap.add_argument("--block-ps", type=float, default=20.0)
     ap.add_argument("--bootstrap", type=int, default=20)
     ap.add_argument("--compare", nargs="*", default=[], help="molflow run files to score against the umbrella law")
-    ap.add_argument("--samples-out", help="optional .npz with every frame's phi, psi (rad), window and weight")
+    ap.add_argument("--samples-out", help="optional .npz with every frame's phi, psi (rad), positions (nm, float32), "
+                    "window and unbiasing weight")
     ap.add_argument("--samples-in", help="reuse the windows of an earlier --samples-out (no MD; the JSON says so)")
     args = ap.parse_args()
 
@@ -173,7 +175,8 @@ def main() -> int:
             (down, args.k, args.ps, args.seed + 1, args.frame_fs, args.equilibrate_ps)]
     if args.samples_in:
         z = np.load(args.samples_in)
-        windows = [{"centre_rad": float(c), "phi": z["phi"][z["window"] == i], "psi": z["psi"][z["window"] == i]}
+        windows = [{"centre_rad": float(c), "phi": z["phi"][z["window"] == i], "psi": z["psi"][z["window"] == i],
+                    **({"positions": z["positions"][z["window"] == i]} if "positions" in z.files else {})}
                    for i, c in enumerate(z["centres"])]
         md_s = None
     else:
@@ -189,7 +192,8 @@ def main() -> int:
         np.savez_compressed(args.samples_out, centres=np.array([w["centre_rad"] for w in windows]),
                             phi=np.concatenate([w["phi"] for w in windows]),
                             psi=np.concatenate([w["psi"] for w in windows]),
-                            window=np.repeat(np.arange(len(windows)), [len(w["phi"]) for w in windows]))
+                            window=np.repeat(np.arange(len(windows)), [len(w["phi"]) for w in windows]),
+                            positions=np.concatenate([w["positions"] for w in windows]))
     cen = np.array([w["centre_rad"] for w in windows])
     phi = np.concatenate([w["phi"] for w in windows])
     psi = np.concatenate([w["psi"] for w in windows])
@@ -247,8 +251,9 @@ def main() -> int:
                   f"{row['js_phi_psi_vs_umbrella_given_phi_negative']:.4f}; psi FES RMSE "
                   f"{row['fes_rmse_psi_kj_mol_vs_umbrella']:.2f} kJ/mol")
 
-    if args.samples_out:
-        np.savez_compressed(args.samples_out, phi=phi, psi=psi, window=win, weight=w, centres=cen)
+    if args.samples_out:  # now with the unbiasing weights
+        extra = {"positions": np.concatenate([w_["positions"] for w_ in windows])} if "positions" in windows[0] else {}
+        np.savez_compressed(args.samples_out, phi=phi, psi=psi, window=win, weight=w, centres=cen, **extra)
     result = {"benchmark": "phi_umbrella", "settings": vars(args), "windows_deg": np.degrees(cen).tolist(),
               "frames_per_window": n_k.astype(int).tolist(), "md_wall_s": md_s, "populations": pop,
               "phi_free_energy_kj_mol_64_bins": F, "compared": compared,

@@ -149,9 +149,9 @@ def test_resume_of_missing_file_starts_fresh(tmp_path):
 
 
 RUNS = {  # Reference reloads an OpenMM checkpoint bit-exactly; the CPU platform to ~1e-7 nm
-    "Reference": dict(replicas=2, time_ps=6.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=77,
+    "Reference": dict(replicas=2, time_ps=20.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=77,
                       platform="Reference", copies_per_context=1, workers=1, chunk_frames=5),
-    "CPU": dict(replicas=2, time_ps=8.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=78,
+    "CPU": dict(replicas=2, time_ps=20.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=0.2, seed=78,
                 platform="CPU", workers=1, chunk_frames=5),
 }
 RUN = RUNS["Reference"]
@@ -191,17 +191,20 @@ def test_sigkill_then_resume(tmp_path, uninterrupted, platform, kill_seed):
     rng = np.random.default_rng(kill_seed)
     out = tmp_path / "killed.h5"
     proc = _launch(out, run)
+    # the kill lands at a random frame in the run's first third (plus up to 50 ms), whatever the
+    # machine's speed: a fixed delay missed the whole run on a faster machine
+    total = int(run["time_ps"] * 1000 / run["frame_fs"]) + 1
+    target = int(rng.integers(2, total // 3))
     deadline = time.time() + 120
-    while _frames(out) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 1.0))
+    while _frames(out) < target and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = _frames(out)
     with Trajectory(out) as t:  # the file opens and its complete frames are readable
         assert t.n_frames == killed_at and np.all(np.isfinite(t.positions[...]))
         before = {name: np.asarray(getattr(t, name)) for name in DATASETS}
-    total = int(run["time_ps"] * 1000 / run["frame_fs"]) + 1
     assert 2 <= killed_at < total, "the kill missed the run: adjust its length"
     resumed = molflow.simulate("alanine_dipeptide", out, resume=True, progress=False, **run)
     assert resumed.attrs["n_restarts"] == 0  # continued from the OpenMM checkpoint

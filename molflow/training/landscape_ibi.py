@@ -153,62 +153,83 @@ def ibi_refine(table: np.ndarray, sample_counts: Callable[..., Any], c_data: np.
     return (table, records) if pair is None else (table, pair, records)
 
 
-def end_angle_counts(drive, positions_nm: np.ndarray, chunk: int = 20000) -> np.ndarray:
+def _frames(positions_nm: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Finite frames (a stopped rollout's are NaN: not counted) and their weights, scaled to sum to
+    their Kish effective number (so a weighted table counts like that many frames beside the
+    pseudo-counts; unweighted: 1 each)."""
+    x = np.asarray(positions_nm, dtype=np.float64)
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    if len(w) != len(x) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise InputError(f"need one finite, non-negative weight per frame ({len(x)}), not {w.shape}")
+    ok = np.isfinite(x).all(axis=(1, 2))
+    x, w = x[ok], w[ok]
+    if weights is not None and w.sum() > 0:
+        w = w * (w.sum() / float((w * w).sum()))  # sum = Kish ESS
+    return x, w
+
+
+def end_angle_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
+                     weights: np.ndarray | None = None) -> np.ndarray:
     """Counts (2, n) of each torsion kind's end angle e = chirality sign * dihedral (the landscape's
     frame) over ``positions_nm`` (M, A, 3), binned to the nearest node of the drive's landscape grid
-    (node i at -pi + 2 pi i / n rad); frames with non-finite positions are left out."""
+    (node i at -pi + 2 pi i / n rad); frames with non-finite positions are left out. With ``weights``
+    (M,) (e.g. umbrella frames' unbiasing weights) each frame counts by its weight, the total being the
+    weights' effective number."""
     n = drive.n_landscape
     if not n:
         raise InputError("the map's torsion drive has no landscape (torsion_drive_landscape = 0)")
     kind = drive.kinds.argmax(1).cpu().numpy()
     counts = np.zeros((2, n))
-    x_all = np.asarray(positions_nm, dtype=np.float64)
-    x_all = x_all[np.isfinite(x_all).all(axis=(1, 2))]  # a stopped rollout's frames are NaN: not counted
+    x_all, w_all = _frames(positions_nm, weights)
     with torch.no_grad():
         for s in range(0, len(x_all), chunk):
             x = torch.as_tensor(x_all[s:s + chunk], device=drive.quads.device)
             e = (drive._chirality(x) * dihedral_and_gradient(x, drive.quads)[0]).cpu().numpy()
             idx = np.round((e + np.pi) / (2 * np.pi) * n).astype(np.int64) % n
             for q, k in enumerate(kind):
-                counts[k] += np.bincount(idx[:, q], minlength=n)
+                counts[k] += np.bincount(idx[:, q], weights=w_all[s:s + chunk], minlength=n)
     return counts
 
 
-def pair_counts(drive, positions_nm: np.ndarray, chunk: int = 20000) -> np.ndarray:
+def pair_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """Joint counts (m, m) of each residue's (phi end, psi end) angles in the landscape's frame over
     ``positions_nm`` (M, A, 3), binned to the nearest node of the drive's pair grid (node i at
-    -pi + 2 pi i / m rad); frames with non-finite positions are left out."""
+    -pi + 2 pi i / m rad); frames with non-finite positions are left out; ``weights`` as
+    :func:`end_angle_counts`."""
     m = getattr(drive, "n_pair", 0)
     if not m:
         raise InputError("the map's torsion drive has no pair landscape (torsion_drive_landscape_pair = 0)")
     phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
     psis = drive.partners.cpu().numpy()[phis]
     counts = np.zeros((m, m))
-    x_all = np.asarray(positions_nm, dtype=np.float64)
-    x_all = x_all[np.isfinite(x_all).all(axis=(1, 2))]
+    x_all, w_all = _frames(positions_nm, weights)
     with torch.no_grad():
         for s in range(0, len(x_all), chunk):
             x = torch.as_tensor(x_all[s:s + chunk], device=drive.quads.device)
             e = (drive._chirality(x) * dihedral_and_gradient(x, drive.quads)[0]).cpu().numpy()
             idx = np.round((e + np.pi) / (2 * np.pi) * m).astype(np.int64) % m
             for a, b in zip(phis, psis):
-                counts += np.bincount(idx[:, a] * m + idx[:, b], minlength=m * m).reshape(m, m)
+                counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w_all[s:s + chunk],
+                                      minlength=m * m).reshape(m, m)
     return counts
 
 
 def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.ndarray, np.ndarray],
-                     cfg: LandscapeIBIConfig | None = None, finish=None, progress: bool = True) -> list[dict]:
+                     cfg: LandscapeIBIConfig | None = None, finish=None, progress: bool = True,
+                     data_weights: np.ndarray | None = None) -> list[dict]:
     """Refine the landscape of ``fm``'s (a :class:`molflow.sampling.FlowMap`) binned torsion drive in
     place against the end-angle marginals of ``data_positions_nm`` (M, A, 3) training frames, with
     free-running rollouts from ``start_states`` (x nm, v nm/ps) at the map's recommended finish (or
-    ``finish``). A drive with a pair landscape has it refined from the same rollouts. Returns the
-    per-iteration records (:func:`ibi_refine`)."""
+    ``finish``). A drive with a pair landscape has it refined from the same rollouts. ``data_weights``
+    (M,) weigh the target frames (biased sampling, e.g. umbrella windows with their MBAR weights).
+    Returns the per-iteration records (:func:`ibi_refine`)."""
     cfg = cfg or LandscapeIBIConfig()
     drive = getattr(fm.model, "drive", None)
     if drive is None or not getattr(drive, "n_landscape", 0):
         raise InputError("refine_landscape needs a map with a binned torsion drive and a landscape")
     tau = float(cfg.tau_ps or fm.tau_max_ps)
-    c_data = end_angle_counts(drive, data_positions_nm)
+    c_data = end_angle_counts(drive, data_positions_nm, weights=data_weights)
     A = fm.system.n_atoms
 
     def rollout(table: np.ndarray, pair: np.ndarray | None, it: int) -> np.ndarray:
@@ -231,7 +252,7 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
 
         table, pair, records = ibi_refine(table0, sample_both, c_data, cfg, say,
                                           pair=drive.landscape_pair.detach().cpu().numpy(),
-                                          c_pair_data=pair_counts(drive, data_positions_nm))
+                                          c_pair_data=pair_counts(drive, data_positions_nm, weights=data_weights))
     else:
         pair = None
         table, records = ibi_refine(table0, lambda t, it: end_angle_counts(drive, rollout(t, None, it)),

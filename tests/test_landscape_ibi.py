@@ -164,3 +164,27 @@ def test_pair_counts_read_phi_psi_jointly():
     np.testing.assert_array_equal(pair_counts(drive, x), want)
     with pytest.raises(Exception, match="pair landscape"):
         pair_counts(build_torsion_drive(system, 3, 16, 8, 24).double(), x)
+
+
+def test_weighted_target_counts():
+    """Weighted target frames (umbrella windows with unbiasing weights) count by their weights,
+    scaled to sum to the weights' Kish effective number (so the pseudo-counts weigh as for that many
+    plain frames); equal weights give the plain counts; bad weights are refused."""
+    from molflow.models.torsion_drive import build_torsion_drive
+    from molflow.systems import load_system
+
+    system = load_system("alanine_dipeptide")
+    drive = build_torsion_drive(system, 3, 16, 8, 24, landscape_pair=12).double()
+    rng = np.random.default_rng(3)
+    x = system.positions_nm[None] + 0.01 * rng.standard_normal((60, system.n_atoms, 3))
+    w = rng.uniform(0.1, 2.0, 60)
+    ess = w.sum() ** 2 / (w * w).sum()
+    for fn in (end_angle_counts, pair_counts):
+        plain, weighted = fn(drive, x), fn(drive, x, weights=w)
+        np.testing.assert_allclose(fn(drive, x, weights=np.full(60, 3.0)), plain, rtol=1e-12)
+        assert weighted.sum() == pytest.approx(ess * (2 if fn is end_angle_counts else 1), rel=1e-12)
+        one = np.zeros(60)
+        one[7] = 1.0  # all the weight on frame 7: its bins only
+        np.testing.assert_allclose(fn(drive, x, weights=one), fn(drive, x[7:8]), rtol=1e-12)
+        with pytest.raises(Exception, match="weight"):
+            fn(drive, x, weights=-w)

@@ -30,6 +30,11 @@ jumps: two evaluations per 2 tau). Metrics against J (noise floor H against J in
   over stock OpenMM's (LangevinMiddleIntegrator, same force field and protocol, 1 fs, best of
   Reference/CPU with one thread, timed in this run before and after the rollouts).
 
+With ``--umbrella W/umbrella.npz`` (the windows of ``benchmarks/phi_umbrella.py --samples-out``) each
+row, and the whole reference, are also scored against the umbrella-sampling law of (phi, psi) (JS,
+JS given phi < 0, basin populations; ``vs_umbrella`` in the JSON): 100 ns of MD cannot pin the
+alpha_L population (a few visits of 0.1-3 ns), the umbrella law can (README, issue 17).
+
 Every target gets pass/miss in the JSON and the printed table. Rollout files are kept in ``--work``
 and reused with ``--reuse`` (their CPU time is recorded in the file's attributes).
 """
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
                          "that it only redraws the velocities: the map's positions with physically drawn velocities)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="reuse finished rollout files in --work")
+    ap.add_argument("--umbrella", help="umbrella windows of benchmarks/phi_umbrella.py (--samples-out .npz): also score "
+                                       "each row's and the reference's (phi, psi) law against the umbrella law (JS, JS "
+                                       "given phi < 0, basin populations), which 100 ns of MD cannot pin for alpha_L")
     ap.add_argument("--summary-into", help="a model's JSON (e.g. systems/alanine_dipeptide/flowmap.json): record the "
                                            "first lever's one-line summary there as 'fidelity' (molflow quickstart shows it)")
     args = ap.parse_args(argv)
@@ -122,6 +130,13 @@ def main(argv=None) -> int:
     print("loading the reference ...", flush=True)
     ref = load_run(args.reference, system, "reference")
     split = split_reference(ref)
+    umbrella = None
+    if args.umbrella:  # (phi, psi, unbiasing weight) of every umbrella frame
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from phi_umbrella import _pops, compare_to_umbrella
+
+        z = np.load(args.umbrella)
+        umbrella = (z["phi"], z["psi"], z["weight"])
     m = int(round(args.tau_ps / ref.dt_ps))
     if abs(m * ref.dt_ps - args.tau_ps) > 1e-9:
         raise SystemExit(f"--tau-ps {args.tau_ps} is not a multiple of the reference's frame interval {ref.dt_ps} ps")
@@ -179,6 +194,8 @@ def main(argv=None) -> int:
         row["kinetic_temperature_K"] = float(np.nanmean(smp.t_kin))
         row["kinetic_temperature_rel_to_300K"] = row["kinetic_temperature_K"] / system.temperature_K - 1
         row.update(stationary(split.judge, smp, system))
+        if umbrella is not None:
+            row["vs_umbrella"] = compare_to_umbrella(*umbrella, smp.phi, smp.psi, system.kT_kj_mol)
         row["energy_mean_minus_reference_kj_mol"] = row["energy_mean_kj_mol"] - ref_all["energy_mean_kj_mol"]
         for k in (1, 2):
             kin = kinetics(smp.phi[:, ::k], smp.psi[:, ::k], k * args.tau_ps, args.lag_ps)
@@ -214,6 +231,10 @@ def main(argv=None) -> int:
                 passes[f"{label}_within_20pct_at_{k * args.tau_ps:g}ps"] = (
                     kin[key] is not None and abs(kin[key] - 1) <= t["kinetics_rel"])
         row["targets"] = passes
+    if umbrella is not None:
+        ref_all["vs_umbrella"] = {
+            "umbrella_populations": _pops(umbrella[0], umbrella[1], umbrella[2]),
+            "reference_all": compare_to_umbrella(*umbrella, ref.phi, ref.psi, system.kT_kj_mol)}
     res = {"benchmark": "fidelity_cpu", "model": args.model, "settings": vars(args), "targets": TARGETS,
            "reference": ref_all, "stock_openmm": stock, "stock_ns_per_cpu_s": stock_rate, "rows": rows,
            "hardware": cpu_description(), "torch": torch.__version__, "python": platform.python_version(),

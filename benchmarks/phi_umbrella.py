@@ -158,7 +158,6 @@ def main() -> int:
     import torch
 
     import molflow
-    from molflow.evaluation.metrics import fes_rmse_1d, js_phi_psi
     from molflow.md.engine import hardware_description
     from molflow.systems import load_system
 
@@ -236,15 +235,11 @@ def main() -> int:
             parts.update({"held-out half H": np.arange(h), "judge half J": np.arange(h, ph.shape[0])})
         for label, reps in parts.items():
             a, b = ph[reps][ok[reps]], ps_[reps][ok[reps]]
-            bp = _pops(a, b, None)
             row = {"file": "/".join(Path(path).parts[-2:]), "part": label, "replicas": int(len(reps)),
-                   "frames": int(a.size), "populations": bp,
+                   "frames": int(a.size),
                    "alpha_L_C7ax_per_replica": [float(np.mean(ph[r][ok[r]] > 0)) for r in reps] if len(reps) <= 16 else None,
-                   "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi, b, kT, weights_ref=w),
-                   "js_phi_psi_vs_umbrella": js_phi_psi(phi, psi, a, b, weights_a=w)}
-            neg, neg_ref = a < 0, phi < 0  # the law given phi < 0 (beta and alpha_R), both renormalised
-            row["js_phi_psi_vs_umbrella_given_phi_negative"] = js_phi_psi(phi[neg_ref], psi[neg_ref], a[neg], b[neg],
-                                                                          weights_a=w[neg_ref])
+                   **compare_to_umbrella(phi, psi, w, a, b, kT)}
+            bp = row["populations"]
             compared.append(row)
             print(f"{row['file']} ({label}): alpha_L_C7ax {bp['alpha_L_C7ax']:.4f}, alpha_R {bp['alpha_R']:.3f}; "
                   f"vs umbrella: JS {row['js_phi_psi_vs_umbrella']:.4f}, given phi < 0 "
@@ -263,6 +258,25 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0
+
+
+def compare_to_umbrella(phi_u: np.ndarray, psi_u: np.ndarray, w_u: np.ndarray, phi: np.ndarray, psi: np.ndarray,
+                        kT: float) -> dict:
+    """How samples (phi, psi) (rad, any shape; unweighted) compare with the umbrella law (frames phi_u,
+    psi_u with unbiasing weights w_u): their basin populations, JS(phi, psi) against it, also for the
+    law given phi < 0 (both sides renormalised), and the psi free-energy RMSE (kJ/mol)."""
+    from molflow.evaluation.metrics import fes_rmse_1d, js_phi_psi
+
+
+    a, b = np.asarray(phi, dtype=np.float64).ravel(), np.asarray(psi, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    neg, neg_u = a < 0, phi_u < 0
+    return {"populations": _pops(a, b, None),
+            "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi_u, b, kT, weights_ref=w_u),
+            "js_phi_psi_vs_umbrella": js_phi_psi(phi_u, psi_u, a, b, weights_a=w_u),
+            "js_phi_psi_vs_umbrella_given_phi_negative": js_phi_psi(phi_u[neg_u], psi_u[neg_u], a[neg], b[neg],
+                                                                    weights_a=w_u[neg_u])}
 
 
 def _pops(phi, psi, w) -> dict[str, float]:

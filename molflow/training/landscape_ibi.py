@@ -158,9 +158,12 @@ def _frames(positions_nm: np.ndarray, weights: np.ndarray | None) -> tuple[np.nd
     their Kish effective number (so a weighted table counts like that many frames beside the
     pseudo-counts; unweighted: 1 each)."""
     x = np.asarray(positions_nm, dtype=np.float64)
-    w = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    if len(w) != len(x) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise InputError(f"need one finite, non-negative weight per frame ({len(x)}), not {w.shape}")
+    if weights is None:
+        w = np.ones(len(x))
+    else:
+        w = np.asarray(weights, dtype=np.float64).ravel()
+        if len(w) != len(x) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise InputError(f"need one finite, non-negative weight per frame ({len(x)}), not {w.shape}")
     ok = np.isfinite(x).all(axis=(1, 2))
     x, w = x[ok], w[ok]
     if weights is not None and w.sum() > 0:

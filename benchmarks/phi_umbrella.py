@@ -28,87 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _chain(args) -> list[dict]:
-    """Sample the windows ``centres`` (rad) in order, each starting from the last one's state."""
-    centres, k, ps, seed, frame_fs, equil_ps = args
-    import openmm
-    from openmm import unit
-
-    from molflow.evaluation.dihedrals import phi_psi
-    from molflow.systems import load_system
-
-    mol = load_system("alanine_dipeptide")
-    system = mol.create_system()
-    phi_q, _ = mol.central_dihedrals()
-    bias = openmm.CustomTorsionForce("0.5*k_umb*dt^2; dt = min(ad, 2*pi - ad); ad = abs(theta - theta0); "
-                                     "pi = 3.141592653589793")
-    bias.addGlobalParameter("k_umb", float(k))
-    bias.addGlobalParameter("theta0", float(centres[0]))
-    bias.addTorsion(*[int(i) for i in np.asarray(phi_q).ravel()[:4]], [])
-    system.addForce(bias)
-    integ = openmm.LangevinMiddleIntegrator(mol.temperature_K, mol.friction_per_ps, mol.timestep_fs / 1000.0)
-    integ.setRandomNumberSeed(int(seed))
-    plat = openmm.Platform.getPlatformByName("Reference")
-    ctx = openmm.Context(system, integ, plat)
-    ctx.setPositions(mol.positions_nm * unit.nanometer)
-    ctx.setVelocitiesToTemperature(mol.temperature_K, int(seed))
-    per_frame = int(round(frame_fs / mol.timestep_fs))
-    n_frames = int(round(ps * 1000.0 / frame_fs))
-    out = []
-    for i, c in enumerate(centres):
-        ctx.setParameter("theta0", float(c))
-        integ.step(int(round((equil_ps * (2 if i == 0 else 1)) * 1000.0 / mol.timestep_fs)))
-        x = np.empty((n_frames, mol.n_atoms, 3))
-        for f in range(n_frames):
-            integ.step(per_frame)
-            x[f] = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-        phi, psi = phi_psi(x, mol)
-        out.append({"centre_rad": float(c), "phi": np.asarray(phi).ravel(), "psi": np.asarray(psi).ravel(),
-                    "positions": x.astype(np.float32)})
-        print(f"window {np.degrees(c):7.1f} deg: phi mean {np.degrees(np.angle(np.exp(1j * out[-1]['phi']).mean())):7.1f}",
-              file=sys.stderr, flush=True)
-    return out
-
-
-def _reduced_bias(phi: np.ndarray, centres: np.ndarray, k: float, kT: float) -> np.ndarray:
-    """u_kn (K, n): each window's bias energy in kT at every frame's phi (rad)."""
-    d = np.abs(phi[None, :] - centres[:, None]) % (2 * np.pi)
-    d = np.minimum(d, 2 * np.pi - d)
-    return 0.5 * k * d * d / kT
-
-
-def mbar_weights(u: np.ndarray, n_k: np.ndarray) -> np.ndarray:
-    """Normalised unbiased weights (n,) of the pooled frames of K biased windows: u (K, n) reduced bias
-    energies, n_k (K,) frames per window. The window free energies f_k minimise MBAR's convex objective
-    sum_n log sum_k N_k exp(f_k - u_kn) - sum_k N_k f_k (f_0 = 0; L-BFGS with its exact gradient), and
-    every frame weighs 1 / sum_k N_k exp(f_k - u_kn)."""
-    from scipy.optimize import minimize
-    from scipy.special import logsumexp
-
-    log_n = np.log(n_k)
-
-    def objective(f_rest):
-        f = np.concatenate([[0.0], f_rest])
-        a = log_n[:, None] + f[:, None] - u
-        lse = logsumexp(a, axis=0)
-        grad = np.exp(a - lse[None, :]).sum(1) - n_k
-        return lse.sum() - float(n_k @ f), grad[1:]
-
-    res = minimize(objective, np.zeros(len(n_k) - 1), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 5000, "gtol": 1e-8 * float(n_k.sum())})
-    f = np.concatenate([[0.0], res.x])
-    log_w = -logsumexp(log_n[:, None] + f[:, None] - u, axis=0)
-    w = np.exp(log_w - log_w.max())
-    return w / w.sum()
 
 
 def _phi_profile(phi, w, kT, bins=64) -> list[float | None]:
@@ -159,46 +84,25 @@ def main() -> int:
 
     import molflow
     from molflow.md.engine import hardware_description
+    from molflow.md.umbrella import UmbrellaSettings, mbar_weights, reduced_bias, sample_phi_windows
     from molflow.systems import load_system
 
     mol = load_system("alanine_dipeptide")
     kT = mol.kT_kj_mol
     t0 = time.perf_counter()
-    step = 2 * np.pi / args.windows
-    centres = (np.arange(args.windows) * step + np.pi) % (2 * np.pi) - np.pi  # -180 .. 180 - step
-    start = int(np.argmin(np.abs(centres - np.radians(-80.0))))
-    half = args.windows // 2
-    up = [centres[(start + i) % args.windows] for i in range(half)]
-    down = [centres[(start - 1 - i) % args.windows] for i in range(args.windows - half)]
-    jobs = [(up, args.k, args.ps, args.seed, args.frame_fs, args.equilibrate_ps),
-            (down, args.k, args.ps, args.seed + 1, args.frame_fs, args.equilibrate_ps)]
-    if args.samples_in:
-        z = np.load(args.samples_in)
-        windows = [{"centre_rad": float(c), "phi": z["phi"][z["window"] == i], "psi": z["psi"][z["window"] == i],
-                    **({"positions": z["positions"][z["window"] == i]} if "positions" in z.files else {})}
-                   for i, c in enumerate(z["centres"])]
+    if args.samples_in:  # an earlier run's windows (no MD)
+        z = dict(np.load(args.samples_in))
         md_s = None
     else:
-        if args.workers > 1:
-            with mp.get_context("spawn").Pool(min(args.workers, 2)) as pool:
-                chains = pool.map(_chain, jobs)
-        else:
-            chains = [_chain(j) for j in jobs]
-        windows = sorted([w for c in chains for w in c], key=lambda w: w["centre_rad"])
+        z = sample_phi_windows("alanine_dipeptide", UmbrellaSettings(
+            windows=args.windows, k_kj_mol_rad2=args.k, production_ps=args.ps, equilibrate_ps=args.equilibrate_ps,
+            frame_fs=args.frame_fs, seed=args.seed, workers=args.workers))
         md_s = time.perf_counter() - t0
-
-    if args.samples_out and not args.samples_in:  # the windows first: the MD is the expensive part
-        np.savez_compressed(args.samples_out, centres=np.array([w["centre_rad"] for w in windows]),
-                            phi=np.concatenate([w["phi"] for w in windows]),
-                            psi=np.concatenate([w["psi"] for w in windows]),
-                            window=np.repeat(np.arange(len(windows)), [len(w["phi"]) for w in windows]),
-                            positions=np.concatenate([w["positions"] for w in windows]))
-    cen = np.array([w["centre_rad"] for w in windows])
-    phi = np.concatenate([w["phi"] for w in windows])
-    psi = np.concatenate([w["psi"] for w in windows])
-    n_k = np.array([len(w["phi"]) for w in windows], dtype=float)
-    win = np.repeat(np.arange(len(windows)), n_k.astype(int))
-    w = mbar_weights(_reduced_bias(phi, cen, args.k, kT), n_k)
+        if args.samples_out:  # the windows first: the MD is the expensive part
+            np.savez_compressed(args.samples_out, **z)
+    cen, phi, psi, win = z["centres"], z["phi"], z["psi"], z["window"]
+    n_k = np.bincount(win, minlength=len(cen)).astype(float)
+    w = mbar_weights(reduced_bias(phi, cen, args.k, kT), n_k)
     pops = _pops(phi, psi, w)
 
     # block bootstrap within windows (frames every 0.5 ps for speed)
@@ -207,20 +111,20 @@ def main() -> int:
     boot = []
     for _ in range(args.bootstrap):
         idx = []
-        for k_ in range(len(windows)):
+        for k_ in range(len(cen)):
             lo = int(n_k[:k_].sum())
             nb = int(n_k[k_]) // block
             pick = rng.integers(0, nb, nb)
             idx.append((lo + pick[:, None] * block + np.arange(0, block, 5)[None, :]).ravel())
         idx = np.concatenate(idx)
-        nk_b = np.bincount(win[idx], minlength=len(windows)).astype(float)
-        wb = mbar_weights(_reduced_bias(phi[idx], cen, args.k, kT), nk_b)
+        nk_b = np.bincount(win[idx], minlength=len(cen)).astype(float)
+        wb = mbar_weights(reduced_bias(phi[idx], cen, args.k, kT), nk_b)
         boot.append(_pops(phi[idx], psi[idx], wb))
     se = {name: float(np.std([b[name] for b in boot], ddof=1)) for name in boot[0]} if len(boot) > 1 else {}
     pop = {name: {"population": pops[name], "se_block_bootstrap": se.get(name)}
            for name in ("beta", "alpha_R", "alpha_L_C7ax")}
     F = _phi_profile(phi, w, kT)
-    print(f"umbrella: {len(windows)} windows x {args.ps:g} ps, k {args.k:g} kJ/mol/rad^2 "
+    print(f"umbrella: {len(cen)} windows x {args.ps:g} ps, k {args.k:g} kJ/mol/rad^2 "
           + (f"({md_s:.0f} s)" if md_s is not None else f"(windows read from {args.samples_in})"))
     print("populations: " + ", ".join(f"{n} {p['population']:.4f} +- {p['se_block_bootstrap'] or 0:.4f}"
                                       for n, p in pop.items()))
@@ -246,9 +150,6 @@ def main() -> int:
                   f"{row['js_phi_psi_vs_umbrella_given_phi_negative']:.4f}; psi FES RMSE "
                   f"{row['fes_rmse_psi_kj_mol_vs_umbrella']:.2f} kJ/mol")
 
-    if args.samples_out:  # now with the unbiasing weights
-        extra = {"positions": np.concatenate([w_["positions"] for w_ in windows])} if "positions" in windows[0] else {}
-        np.savez_compressed(args.samples_out, phi=phi, psi=psi, window=win, weight=w, centres=cen, **extra)
     result = {"benchmark": "phi_umbrella", "settings": vars(args), "windows_deg": np.degrees(cen).tolist(),
               "frames_per_window": n_k.astype(int).tolist(), "md_wall_s": md_s, "populations": pop,
               "phi_free_energy_kj_mol_64_bins": F, "compared": compared,

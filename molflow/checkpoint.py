@@ -96,3 +96,23 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expected_format
         if key.endswith("_json"):
             ck[key] = json.loads(ck[key])
     return ck
+
+
+def without_torsion_drive(ck: dict[str, Any]) -> dict[str, Any]:
+    """A copy of flow-map checkpoint ``ck`` without its torsion drive: the network alone, as it was
+    before a drive was added and fitted with ``train_only: torsion_drive`` (which leaves every network
+    weight untouched), so a map's drive can be fitted again on other data from the same network
+    (``--init-from`` the result). Optimiser state, which belongs to the run that made ``ck``, is
+    dropped; settings, normalisation and history are kept."""
+    cfg = dict(ck["map_config_json"])
+    if not cfg.get("torsion_drive"):
+        from .errors import InputError
+
+        raise InputError("this checkpoint's map has no torsion drive")
+    cfg.update(torsion_drive=0, torsion_drive_bins=0, torsion_drive_landscape=0, torsion_drive_landscape_pair=0)
+    out = {k: v for k, v in ck.items() if k not in ("model", "ema", "optimizer", "scheduler", "map_config_json")}
+    out["map_config_json"] = cfg
+    for k in ("model", "ema"):
+        if k in ck:
+            out[k] = {name: t for name, t in ck[k].items() if not name.startswith("drive.")}
+    return out

@@ -427,3 +427,30 @@ def test_pair_landscape_draws_psi_given_phi(binned_drive_model, pair_drive_model
             assert abs(float(dens.sum()) * 2 * w / cells - 1) < 1e-9
             cdf = float((dens * ((grid + w / cells).clamp(max=delta[k, 1] + 0) - (grid - w / cells)).clamp(min=0)).sum())
             assert abs(cdf - float(u[k, 1])) < 1e-6, (cdf, float(u[k, 1]))
+
+
+def test_without_torsion_drive_is_the_network_alone(ala2, tmp_path):
+    """The shipped map without its drive (molflow.checkpoint.without_torsion_drive) is the network its
+    drive was fitted on: same network jump bit for bit, no drive and no need for forces; a map without
+    a drive is refused."""
+    import molflow
+    from molflow.checkpoint import load_checkpoint, save_checkpoint, without_torsion_drive
+    from molflow.errors import InputError
+    from molflow.systems import systems_dir
+
+    shipped = systems_dir() / "alanine_dipeptide" / "flowmap.pt"
+    ck = load_checkpoint(shipped)
+    bare = without_torsion_drive(ck)
+    assert not any(k.startswith("drive.") for k in bare["model"]) and bare["map_config_json"]["torsion_drive"] == 0
+    save_checkpoint(tmp_path / "bare.pt", bare)
+    a, b = molflow.FlowMap.load(shipped, device="cpu").model, molflow.FlowMap.load(tmp_path / "bare.pt", device="cpu").model
+    assert a.drive is not None and b.drive is None and not b.needs_forces
+    x, v, L, _, tau = (t.to(torch.get_default_dtype()) for t in _inputs(ala2))
+    eps = torch.randn(3, a.config.n_latent, 22, 3, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ja = a.network_jump(x, v, L, eps[:, :a.config.n_latent], tau)
+        jb = b.network_jump(x, v, L, eps[:, :b.config.n_latent], tau)
+    for p, q in zip(ja, jb):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    with pytest.raises(InputError, match="no torsion drive"):
+        without_torsion_drive(bare)

@@ -153,6 +153,10 @@ def main() -> int:
                     help="phase-4 pair-landscape refinement iterations (default %(default)s; 0: none)")
     ap.add_argument("--pair-only", action="store_true",
                     help="run phase 4 alone on the three-phase map at --out (its JSON keeps the earlier phases' record)")
+    ap.add_argument("--phase1-from", metavar="MAP",
+                    help="take phase 1 from MAP's network (e.g. the shipped flowmap.pt: phases 2-4 leave the network "
+                         "untouched) instead of training it again; written to WORK/model_full.pt, its training time "
+                         "read from MAP's JSON")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", required=True, help="folder for the training data and the full checkpoint")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted training run in --work")
@@ -176,6 +180,12 @@ def main() -> int:
     full = work / "model_full.pt"
     train_s = tune_s = ibi_s = pair_s = None  # wall seconds, None when reused or not run
     ibi_records = pair_records = None
+    if args.phase1_from and not full.exists():
+        from molflow.checkpoint import without_torsion_drive
+
+        save_checkpoint(full, without_torsion_drive(load_checkpoint(args.phase1_from)))
+        train_s = json.loads(Path(args.phase1_from).with_suffix(".json").read_text()).get("train_wall_s")
+        args.reuse = True  # phase 1 is done; phases 2-4 run unless their files are in WORK
     if args.pair_only:  # phase 4 on the shipped three-phase map
         ck = load_checkpoint(args.out)
         if ck["map_config_json"].get("torsion_drive_landscape_pair"):

@@ -30,6 +30,7 @@ CHECK_PS = (0.5, 1.0, 5.0, 25.0, 100.0)
 def survival(model: str, umbrella: str, variant: str, replicas: int, seed: int) -> dict:
     import molflow
     from molflow.evaluation.dihedrals import phi_psi
+    from molflow.sampling import maxwell_boltzmann_velocities
 
     fm = molflow.FlowMap.load(model, device="cpu")
     drive = fm.model.drive
@@ -47,9 +48,9 @@ def survival(model: str, umbrella: str, variant: str, replicas: int, seed: int) 
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(w), size=replicas, p=w / w.sum())
     x0 = z["positions"][pick].astype(np.float64)
-    m, kT = fm.system.masses_amu, fm.system.kT_kj_mol
-    v0 = rng.standard_normal(x0.shape) * np.sqrt(kT / m)[None, :, None]
-    v0 -= (v0 * m[None, :, None]).sum(1, keepdims=True) / m.sum()
+    m = fm.system.masses_amu
+    v0 = maxwell_boltzmann_velocities(fm.system, replicas, rng)
+    v0 -= (v0 * m[None, :, None]).sum(1, keepdims=True) / m.sum()  # no drift of the centre of mass
     tau = fm.tau_max_ps
     n_jumps = int(round(max(CHECK_PS) / tau))
     r = fm.sample((x0, v0), n_jumps, tau, replicas=replicas, seed=seed, progress=False)

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     umbrella = None
     if args.umbrella:  # (phi, psi, unbiasing weight) of every umbrella frame
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from phi_umbrella import _pops, compare_to_umbrella
+        from phi_umbrella import basin_shares, compare_to_umbrella
 
         z = np.load(args.umbrella)
         umbrella = (z["phi"], z["psi"], z["weight"])
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         row["targets"] = passes
     if umbrella is not None:
         ref_all["vs_umbrella"] = {
-            "umbrella_populations": _pops(umbrella[0], umbrella[1], umbrella[2]),
+            "umbrella_populations": basin_shares(umbrella[0], umbrella[1], umbrella[2]),
             "reference_all": compare_to_umbrella(*umbrella, ref.phi, ref.psi, system.kT_kj_mol)}
     res = {"benchmark": "fidelity_cpu", "model": args.model, "settings": vars(args), "targets": TARGETS,
            "reference": ref_all, "stock_openmm": stock, "stock_ns_per_cpu_s": stock_rate, "rows": rows,

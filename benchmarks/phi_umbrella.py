@@ -45,17 +45,14 @@ def _phi_profile(phi, w, kT, bins=64) -> list[float | None]:
 
 
 def _read_run(path: str, mol, stride_ps: float = 0.5):
-    """(phi, psi) (replicas, frames) of a molflow run file, one frame per ``stride_ps`` ps, without
-    frames holding non-finite positions (a stopped rollout)."""
-    import h5py
-
+    """(phi, psi) (replicas, frames) of a molflow run file, one frame per ``stride_ps`` ps."""
+    from molflow import Trajectory
     from molflow.evaluation.dihedrals import phi_psi
 
-    with h5py.File(path, "r") as f:
-        t = np.asarray(f["time"][:2], dtype=float) if "time" in f else None
-        dt_ps = float(t[1] - t[0]) if t is not None and len(t) > 1 else float(f.attrs.get("frame_ps", 0.1))
-        step = max(1, int(round(stride_ps / dt_ps)))
-        x = f["positions"][:, ::step]
+    with Trajectory(path) as t:
+        time_ps = np.asarray(t.time[:2], dtype=float)
+        step = max(1, int(round(stride_ps / float(time_ps[1] - time_ps[0])))) if len(time_ps) > 1 else 1
+        x = np.asarray(t.positions[:, ::step], dtype=np.float64)
     R, T = x.shape[:2]
     phi, psi = phi_psi(x.reshape(R * T, -1, 3), mol)
     return np.asarray(phi).reshape(R, T), np.asarray(psi).reshape(R, T)
@@ -103,7 +100,7 @@ def main() -> int:
     cen, phi, psi, win = z["centres"], z["phi"], z["psi"], z["window"]
     n_k = np.bincount(win, minlength=len(cen)).astype(float)
     w = mbar_weights(reduced_bias(phi, cen, args.k, kT), n_k)
-    pops = _pops(phi, psi, w)
+    pops = basin_shares(phi, psi, w)
 
     # block bootstrap within windows (frames every 0.5 ps for speed)
     rng = np.random.default_rng(args.seed)
@@ -119,7 +116,7 @@ def main() -> int:
         idx = np.concatenate(idx)
         nk_b = np.bincount(win[idx], minlength=len(cen)).astype(float)
         wb = mbar_weights(reduced_bias(phi[idx], cen, args.k, kT), nk_b)
-        boot.append(_pops(phi[idx], psi[idx], wb))
+        boot.append(basin_shares(phi[idx], psi[idx], wb))
     se = {name: float(np.std([b[name] for b in boot], ddof=1)) for name in boot[0]} if len(boot) > 1 else {}
     pop = {name: {"population": pops[name], "se_block_bootstrap": se.get(name)}
            for name in ("beta", "alpha_R", "alpha_L_C7ax")}
@@ -173,14 +170,15 @@ def compare_to_umbrella(phi_u: np.ndarray, psi_u: np.ndarray, w_u: np.ndarray, p
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     neg, neg_u = a < 0, phi_u < 0
-    return {"populations": _pops(a, b, None),
+    return {"populations": basin_shares(a, b, None),
             "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi_u, b, kT, weights_ref=w_u),
             "js_phi_psi_vs_umbrella": js_phi_psi(phi_u, psi_u, a, b, weights_a=w_u),
             "js_phi_psi_vs_umbrella_given_phi_negative": js_phi_psi(phi_u[neg_u], psi_u[neg_u], a[neg], b[neg],
                                                                     weights_a=w_u[neg_u])}
 
 
-def _pops(phi, psi, w) -> dict[str, float]:
+def basin_shares(phi, psi, w=None) -> dict[str, float]:
+    """Basin populations (molflow.evaluation.metrics.BASINS) of (phi, psi) samples with weights w."""
     from molflow.evaluation.metrics import basin_populations
 
     bp = basin_populations(phi, psi, weights=w, n_bootstrap=0)

@@ -89,9 +89,13 @@ def start_states_from_system(system: MolecularSystem, replicas: int, seed: int |
     from .md.engine import minimise
 
     x = minimise(system)
-    rng = np.random.default_rng(seed)
-    v = rng.standard_normal((int(replicas),) + x.shape) * np.sqrt(system.kT_kj_mol / system.masses_amu)[None, :, None]
-    return np.repeat(x[None], int(replicas), 0), v
+    return np.repeat(x[None], int(replicas), 0), maxwell_boltzmann_velocities(system, replicas, np.random.default_rng(seed))
+
+
+def maxwell_boltzmann_velocities(system: MolecularSystem, replicas: int, rng: np.random.Generator) -> np.ndarray:
+    """Velocities (R, A, 3) nm/ps drawn from the Maxwell-Boltzmann law at the system's temperature."""
+    shape = (int(replicas), system.n_atoms, 3)
+    return rng.standard_normal(shape) * np.sqrt(system.kT_kj_mol / system.masses_amu)[None, :, None]
 
 
 def pathwise_attrs(path: str | os.PathLike) -> dict[str, Any]:

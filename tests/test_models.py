@@ -425,7 +425,7 @@ def test_pair_landscape_draws_psi_given_phi(binned_drive_model, pair_drive_model
             dens = d.log_prob(inv[k:k + 1].expand(cells, -1, -1), pseudo[k:k + 1].expand(cells, -1, -1),
                               tau[:1].expand(cells), turns)[:, 1].exp()
             assert abs(float(dens.sum()) * 2 * w / cells - 1) < 1e-9
-            cdf = float((dens * ((grid + w / cells).clamp(max=delta[k, 1] + 0) - (grid - w / cells)).clamp(min=0)).sum())
+            cdf = float((dens * ((grid + w / cells).clamp(max=delta[k, 1]) - (grid - w / cells)).clamp(min=0)).sum())
             assert abs(cdf - float(u[k, 1])) < 1e-6, (cdf, float(u[k, 1]))
 
 

@@ -206,9 +206,10 @@ class TorsionDrive(nn.Module):
             h = self.mlp(torch.cat([inv, pseudo], -1)) - self.mlp(torch.cat([inv, -pseudo], -1))
             return h[..., 0] * torch.sqrt(tau.clamp_min(0))[..., None]
         u = torch.special.ndtr(pseudo[..., _ZETA])
-        d = self._quantile(self._logits(inv, pseudo, tau), u, tau)
+        logits = self._logits(inv, pseudo, tau)
+        d = self._quantile(logits, u, tau)
         if self.n_pair:  # psi's law given where phi ends: phi's turns above are final (no pair term on phi)
-            d = self._quantile(self._logits(inv, pseudo, tau, d[..., self.partners]), u, tau)
+            d = self._quantile(logits - self._pair_term(inv, pseudo, tau, d[..., self.partners]), u, tau)
         return d
 
     def _quantile(self, logits: torch.Tensor, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -226,13 +227,11 @@ class TorsionDrive(nn.Module):
         """A binned drive's turns lie in [-w, w] rad, w = min(pi, BIN_HALF_WIDTH * sqrt(tau / ps))."""
         return (BIN_HALF_WIDTH * torch.sqrt(tau.clamp_min(1e-8))).clamp(max=torch.pi)
 
-    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor,
-                partner_delta: torch.Tensor | None = None) -> torch.Tensor:
+    def _logits(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         """Bin logits (..., Q, bins) of a binned drive, from every input but the latents zeta (its own
         and its partner's): a mirror image (pseudo-scalars negated) gets the bins in reverse order.
-        With a landscape, minus the learned potential of mean force (kT) at each bin's end angle; with
-        a pair landscape and the partners' turns ``partner_delta`` (..., Q) rad, a psi torsion's bins
-        also minus the joint table at (its phi's end angle, the bin's end angle)."""
+        With a landscape, minus the learned potential of mean force (kT) at each bin's end angle (a
+        pair landscape's term, which needs the partner's turn, is :meth:`_pair_term`)."""
         keep = torch.ones(pseudo.shape[-1], dtype=pseudo.dtype, device=pseudo.device)
         keep[_ZETA] = 0
         keep[self.n_pseudo_own + _ZETA] = 0
@@ -240,16 +239,25 @@ class TorsionDrive(nn.Module):
         logits = self.mlp(torch.cat([inv, p], -1)) + self.mlp(torch.cat([inv, -p], -1)).flip(-1)
         if not self.n_landscape:
             return logits
-        # the network's end angle (start angle + its change) and the chirality, both mirror-odd
+        return logits - self._pmf(self._bin_end_angles(inv, pseudo, tau)[2])
+
+    def _bin_end_angles(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor):
+        """(the network's end angle (..., Q): start angle + its change, the residue's chirality
+        (..., Q), each bin's end angle in the L residue's frame (..., Q, bins)); all rad, mirror-odd
+        before the chirality factor."""
         theta_net = torch.atan2(pseudo[..., 0], inv[..., 0]) + pseudo[..., 1]
         chi = pseudo[..., self.n_pseudo_own - 1]
-        mid = (torch.arange(self.bins, device=p.device, dtype=p.dtype) + 0.5) / self.bins * 2 - 1
-        end = chi[..., None] * (theta_net[..., None] + mid * self.half_width(tau)[..., None, None])
-        logits = logits - self._pmf(end)
-        if self.n_pair and partner_delta is not None:
-            partner_end = chi * (theta_net[..., self.partners] + partner_delta)  # phi's end, for a psi row
-            logits = logits - self.kinds[:, 1, None].to(logits.dtype) * self._pair_pmf(partner_end[..., None].expand_as(end), end)
-        return logits
+        mid = (torch.arange(self.bins, device=pseudo.device, dtype=pseudo.dtype) + 0.5) / self.bins * 2 - 1
+        return theta_net, chi, chi[..., None] * (theta_net[..., None] + mid * self.half_width(tau)[..., None, None])
+
+    def _pair_term(self, inv: torch.Tensor, pseudo: torch.Tensor, tau: torch.Tensor,
+                   partner_delta: torch.Tensor) -> torch.Tensor:
+        """What a pair landscape subtracts from the bin logits (..., Q, bins), given the partners'
+        turns ``partner_delta`` (..., Q) rad: on a psi torsion's bins the joint table at (its phi's end
+        angle, the bin's end angle); nothing on phi's."""
+        theta_net, chi, end = self._bin_end_angles(inv, pseudo, tau)
+        partner_end = chi * (theta_net[..., self.partners] + partner_delta)  # phi's end, for a psi row
+        return self.kinds[:, 1, None].to(end.dtype) * self._pair_pmf(partner_end[..., None].expand_as(end), end)
 
     def _pair_pmf(self, phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
         """The pair landscape (kT) at end angles phi, psi (same shape, rad, the L residue's frame):
@@ -286,8 +294,10 @@ class TorsionDrive(nn.Module):
             raise InputError("log_prob needs a binned torsion drive (torsion_drive_bins > 0)")
         w = self.half_width(tau)[..., None]
         j = torch.floor((delta / w + 1) / 2 * self.bins).clamp(0, self.bins - 1).long()
-        partner = delta[..., self.partners] if self.n_pair else None
-        lp = torch.log_softmax(self._logits(inv, pseudo, tau, partner), -1).gather(-1, j[..., None])[..., 0]
+        logits = self._logits(inv, pseudo, tau)
+        if self.n_pair:
+            logits = logits - self._pair_term(inv, pseudo, tau, delta[..., self.partners])
+        lp = torch.log_softmax(logits, -1).gather(-1, j[..., None])[..., 0]
         return lp + math.log(self.bins) - torch.log(2 * w)
 
     def features(self, x: torch.Tensor, v: torch.Tensor, L: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor,

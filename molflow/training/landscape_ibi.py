@@ -171,27 +171,54 @@ def _frames(positions_nm: np.ndarray, weights: np.ndarray | None) -> tuple[np.nd
     return x, w
 
 
-def end_angle_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
-                     weights: np.ndarray | None = None) -> np.ndarray:
-    """Counts (2, n) of each torsion kind's end angle e = chirality sign * dihedral (the landscape's
-    frame) over ``positions_nm`` (M, A, 3), binned to the nearest node of the drive's landscape grid
-    (node i at -pi + 2 pi i / n rad); frames with non-finite positions are left out. With ``weights``
-    (M,) (e.g. umbrella frames' unbiasing weights) each frame counts by its weight, the total being the
-    weights' effective number."""
-    n = drive.n_landscape
-    if not n:
-        raise InputError("the map's torsion drive has no landscape (torsion_drive_landscape = 0)")
-    kind = drive.kinds.argmax(1).cpu().numpy()
-    counts = np.zeros((2, n))
+def end_angles(drive, positions_nm: np.ndarray, weights: np.ndarray | None = None,
+               chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Each torsion's end angle e = chirality sign * dihedral (the landscape's frame; rad, (M', Q))
+    over the finite frames of ``positions_nm`` (M, A, 3), and their weights (:func:`_frames`)."""
     x_all, w_all = _frames(positions_nm, weights)
+    out = [np.zeros((0, drive.quads.shape[0]))]
     with torch.no_grad():
         for s in range(0, len(x_all), chunk):
             x = torch.as_tensor(x_all[s:s + chunk], device=drive.quads.device)
-            e = (drive._chirality(x) * dihedral_and_gradient(x, drive.quads)[0]).cpu().numpy()
-            idx = np.round((e + np.pi) / (2 * np.pi) * n).astype(np.int64) % n
-            for q, k in enumerate(kind):
-                counts[k] += np.bincount(idx[:, q], weights=w_all[s:s + chunk], minlength=n)
+            out.append((drive._chirality(x) * dihedral_and_gradient(x, drive.quads)[0]).cpu().numpy())
+    return np.concatenate(out), w_all
+
+
+def _nearest_node(e: np.ndarray, n: int) -> np.ndarray:
+    """Index of the nearest node of an n-node periodic grid (node i at -pi + 2 pi i / n rad)."""
+    return np.round((e + np.pi) / (2 * np.pi) * n).astype(np.int64) % n
+
+
+def _kind_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted counts (2, n) of end angles e (M, Q) per torsion kind on the landscape's grid."""
+    n = drive.n_landscape
+    idx = _nearest_node(e, n)
+    counts = np.zeros((2, n))
+    for q, k in enumerate(drive.kinds.argmax(1).cpu().numpy()):
+        counts[k] += np.bincount(idx[:, q], weights=w, minlength=n)
     return counts
+
+
+def _pair_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted joint counts (m, m) of each residue's (phi, psi) end angles on the pair grid."""
+    m = drive.n_pair
+    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
+    idx = _nearest_node(e, m)
+    counts = np.zeros((m, m))
+    for a, b in zip(phis, drive.partners.cpu().numpy()[phis]):
+        counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w, minlength=m * m).reshape(m, m)
+    return counts
+
+
+def end_angle_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
+                     weights: np.ndarray | None = None) -> np.ndarray:
+    """Counts (2, n) of each torsion kind's end angle (:func:`end_angles`) over ``positions_nm`` (M, A,
+    3), binned to the nearest node of the drive's landscape grid (node i at -pi + 2 pi i / n rad);
+    frames with non-finite positions are left out. With ``weights`` (M,) (e.g. umbrella frames'
+    unbiasing weights) each frame counts by its weight, the total being the weights' effective number."""
+    if not drive.n_landscape:
+        raise InputError("the map's torsion drive has no landscape (torsion_drive_landscape = 0)")
+    return _kind_counts(drive, *end_angles(drive, positions_nm, weights, chunk))
 
 
 def pair_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
@@ -200,22 +227,9 @@ def pair_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
     ``positions_nm`` (M, A, 3), binned to the nearest node of the drive's pair grid (node i at
     -pi + 2 pi i / m rad); frames with non-finite positions are left out; ``weights`` as
     :func:`end_angle_counts`."""
-    m = getattr(drive, "n_pair", 0)
-    if not m:
+    if not getattr(drive, "n_pair", 0):
         raise InputError("the map's torsion drive has no pair landscape (torsion_drive_landscape_pair = 0)")
-    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
-    psis = drive.partners.cpu().numpy()[phis]
-    counts = np.zeros((m, m))
-    x_all, w_all = _frames(positions_nm, weights)
-    with torch.no_grad():
-        for s in range(0, len(x_all), chunk):
-            x = torch.as_tensor(x_all[s:s + chunk], device=drive.quads.device)
-            e = (drive._chirality(x) * dihedral_and_gradient(x, drive.quads)[0]).cpu().numpy()
-            idx = np.round((e + np.pi) / (2 * np.pi) * m).astype(np.int64) % m
-            for a, b in zip(phis, psis):
-                counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w_all[s:s + chunk],
-                                      minlength=m * m).reshape(m, m)
-    return counts
+    return _pair_counts(drive, *end_angles(drive, positions_nm, weights, chunk))
 
 
 def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.ndarray, np.ndarray],
@@ -232,7 +246,8 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
     if drive is None or not getattr(drive, "n_landscape", 0):
         raise InputError("refine_landscape needs a map with a binned torsion drive and a landscape")
     tau = float(cfg.tau_ps or fm.tau_max_ps)
-    c_data = end_angle_counts(drive, data_positions_nm, weights=data_weights)
+    e_data, w_data = end_angles(drive, data_positions_nm, data_weights)  # once, for both tables
+    c_data = _kind_counts(drive, e_data, w_data)
     A = fm.system.n_atoms
 
     def rollout(table: np.ndarray, pair: np.ndarray | None, it: int) -> np.ndarray:
@@ -250,12 +265,12 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
     table0 = drive.landscape.detach().cpu().numpy()
     if getattr(drive, "n_pair", 0):
         def sample_both(table, pair, it):
-            x = rollout(table, pair, it)
-            return end_angle_counts(drive, x), pair_counts(drive, x)
+            e, w = end_angles(drive, rollout(table, pair, it))
+            return _kind_counts(drive, e, w), _pair_counts(drive, e, w)
 
         table, pair, records = ibi_refine(table0, sample_both, c_data, cfg, say,
                                           pair=drive.landscape_pair.detach().cpu().numpy(),
-                                          c_pair_data=pair_counts(drive, data_positions_nm, weights=data_weights))
+                                          c_pair_data=_pair_counts(drive, e_data, w_data))
     else:
         pair = None
         table, records = ibi_refine(table0, lambda t, it: end_angle_counts(drive, rollout(t, None, it)),

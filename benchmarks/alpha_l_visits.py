@@ -61,18 +61,9 @@ def visits(path: str, every: int) -> dict:
 
 def record_alpha_l(out: str) -> None:
     """MD started in alpha_L (module docstring)."""
-    import dataclasses
+    from molflow.md.umbrella import system_at_backbone_dihedrals
 
-    import torch
-
-    from molflow.models.torsion_drive import build_torsion_drive, dihedral_and_gradient
-
-    mol = molflow.load_system("alanine_dipeptide")
-    drive = build_torsion_drive(mol, 3, 8).double()
-    x = torch.as_tensor(mol.positions_nm[None], dtype=torch.float64)
-    delta = torch.tensor([[1.0, 0.6]], dtype=torch.float64) - dihedral_and_gradient(x, drive.quads)[0]
-    x, _ = drive.turn(x, torch.zeros_like(x), delta, torch.as_tensor(mol.masses_amu, dtype=torch.float64))
-    start = dataclasses.replace(mol, positions_nm=x[0].numpy())  # same fingerprint: only the start differs
+    start = system_at_backbone_dihedrals(molflow.load_system("alanine_dipeptide"), 1.0, 0.6)
     molflow.simulate(start, out, replicas=32, time_ps=50.0, frame_fs=20.0, n_coefficients=3, equilibrate_ps=5.0,
                      seed=20261207, overwrite=True, progress=False).close()
 

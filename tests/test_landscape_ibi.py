@@ -188,3 +188,31 @@ def test_weighted_target_counts():
         np.testing.assert_allclose(fn(drive, x, weights=one), fn(drive, x[7:8]), rtol=1e-12)
         with pytest.raises(Exception, match="weight"):
             fn(drive, x, weights=-w)
+
+
+
+def test_stratified_starts_fix_each_groups_share_and_weigh_it_back():
+    """Each labelled group gets round(share * n) starts (largest remainder; the rest of the pool the
+    rest); within a group the systematic draw gives item i a count within 1 of k * w_i / W (its
+    deterministic bound); each start weighs its group's pool mass over its count, so the weighted
+    starts give every group exactly its mass in the pool. A group of the pool left without starts, or
+    asked for starts without weight, is refused."""
+    from molflow.training.landscape_ibi import stratified_starts
+
+    rng = np.random.default_rng(6)
+    w = rng.uniform(0.0, 1.0, 300)
+    labels = (np.arange(300) >= 280).astype(int)  # 20 rare frames, ~7% of the weight
+    idx, sw = stratified_starts(w, 200, labels, {1: 0.25}, seed=3)
+    assert len(idx) == len(sw) == 200 and (labels[idx] == 1).sum() == 50
+    assert sw.mean() == pytest.approx(1.0)
+    for lab, k in ((1, 50), (0, 150)):
+        g = np.flatnonzero(labels == lab)
+        counts = np.bincount(idx, minlength=300)[g]
+        assert np.abs(counts - k * w[g] / w[g].sum()).max() < 1.0
+        assert sw[labels[idx] == lab].sum() / sw.sum() == pytest.approx(w[g].sum() / w.sum(), rel=1e-12)
+    idx, sw = stratified_starts(w, 7, labels, {1: 0.3}, seed=1)
+    assert len(idx) == 7 and (labels[idx] == 1).sum() == 2  # 2.1 and 4.9: the larger remainder rounds up
+    with pytest.raises(Exception, match="no start"):
+        stratified_starts(w, 3, labels, {1: 1.0})
+    with pytest.raises(Exception, match="weighted frames"):
+        stratified_starts(np.where(labels == 1, 0.0, w), 10, labels, {1: 0.5})

@@ -300,6 +300,42 @@ def test_landscape_refinement_after_training(data20fs, tmp_path, pair):
               config={**_QUIET_SMALL, "landscape_ibi_iterations": 1}, progress=False)
 
 
+
+def test_refine_landscape_weighs_rollouts_by_their_starts(data20fs, tmp_path):
+    """``start_weights`` weigh each rollout's frames (molflow.training.landscape_ibi): equal weights
+    give the unweighted refinement bit for bit, unequal ones another table; one weight per start and
+    one rollout per start are required."""
+    import molflow
+    from molflow.training.landscape_ibi import LandscapeIBIConfig, refine_landscape
+
+    base = _small_base(data20fs, tmp_path, steps=2)
+    cfg = {**_QUIET_SMALL, "torsion_drive": 8, "torsion_drive_bins": 24, "torsion_drive_landscape": 36,
+           "train_only": "torsion_drive", "objective": "torsion_crps", "drive_cache_items": 64,
+           "validation_items": 32, "batch_size": 32, "lr": 1e-2, "drive_cache_draws": 3}
+    out = tmp_path / "drive.pt"
+    train("alanine_dipeptide", [str(data20fs)], out, tau_max_ps=0.1, steps=20, seed=2, device="cpu", config=cfg,
+          init_from=base, progress=False)
+    from molflow.sampling import start_states_from_run
+    from molflow.trajectory import Trajectory
+
+    with Trajectory(data20fs) as t:
+        data = np.asarray(t.positions[:, :], dtype=np.float64).reshape(-1, t.positions.shape[2], 3)
+    starts = start_states_from_run(data20fs, 4)
+    ibi = LandscapeIBIConfig(iterations=1, replicas=4, jumps=8, burn_jumps=0)
+    tables = []
+    for sw in (None, np.ones(4), np.array([3.0, 0.2, 0.2, 0.6])):
+        fm = molflow.FlowMap.load(out, device="cpu")
+        refine_landscape(fm, data, starts, ibi, progress=False, start_weights=sw)
+        tables.append(fm.model.drive.landscape.detach().numpy().copy())
+    np.testing.assert_array_equal(tables[0], tables[1])
+    assert np.abs(tables[2] - tables[0]).max() > 1e-6
+    with pytest.raises(InputError, match="per start state"):
+        refine_landscape(fm, data, starts, ibi, progress=False, start_weights=np.ones(3))
+    with pytest.raises(InputError, match="one rollout per start"):
+        refine_landscape(fm, data, starts, LandscapeIBIConfig(iterations=1, replicas=8, jumps=8), progress=False,
+                         start_weights=np.ones(4))
+
+
 def test_drive_fit_learns_a_torque_driven_drift():
     """A known answer: cached items whose MD torsion is the network's plus 0.4 tanh(torque feature)
     rad (a deterministic, mirror-odd drift) must be fitted; a drive that learned nothing misses by the

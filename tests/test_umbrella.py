@@ -56,3 +56,24 @@ def test_windows_hold_phi_at_their_centres():
         assert abs(np.angle(np.exp(1j * (m - c)))) < 0.35, (np.degrees(c), np.degrees(m))
     with pytest.raises(Exception, match="2 windows"):
         sample_phi_windows("alanine_dipeptide", UmbrellaSettings(windows=1))
+
+
+def test_system_at_backbone_dihedrals_turns_the_start_strain_free():
+    """The start structure reaches the asked (phi, psi) (to 1e-9 rad) with every bonded distance kept
+    (a rigid turn of the two halves about each backbone bond); the force field is the system's; a
+    molecule with more than one residue's phi/psi is refused."""
+    import molflow
+    from molflow.evaluation.dihedrals import phi_psi
+    from molflow.md.umbrella import system_at_backbone_dihedrals
+
+    mol = molflow.load_system("alanine_dipeptide")
+    turned = system_at_backbone_dihedrals(mol, 1.0, 0.6)
+    phi, psi = phi_psi(turned.positions_nm[None], mol)
+    assert abs(float(phi[0]) - 1.0) < 1e-9 and abs(float(psi[0]) - 0.6) < 1e-9
+    bonds = np.asarray(mol.bonds)
+    d0 = np.linalg.norm(mol.positions_nm[bonds[:, 0]] - mol.positions_nm[bonds[:, 1]], axis=1)
+    d1 = np.linalg.norm(turned.positions_nm[bonds[:, 0]] - turned.positions_nm[bonds[:, 1]], axis=1)
+    np.testing.assert_allclose(d1, d0, atol=1e-12)
+    assert turned.system is mol.system and turned.pdb_text == mol.pdb_text  # same force field
+    with pytest.raises(molflow.InputError, match="exactly one backbone"):
+        system_at_backbone_dihedrals(molflow.load_system("trialanine"), 1.0, 0.6)

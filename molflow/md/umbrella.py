@@ -11,7 +11,9 @@ weights then make the pooled frames a sample of the unbiased Boltzmann law of ev
 
 :func:`sample_phi_windows` runs the windows in two chains of neighbouring centres (one from
 ``start_deg`` upwards, one downwards), each window starting from the last one's state;
-:func:`reduced_bias` and :func:`mbar_weights` unbias them.
+:func:`reduced_bias` and :func:`mbar_weights` unbias them. :func:`system_at_backbone_dihedrals`
+gives a system whose start structure sits at a chosen (phi, psi), e.g. to record MD that starts in
+alpha_L (the shipped map's drive data, systems/alanine_dipeptide/make_pretrained.py).
 """
 from __future__ import annotations
 
@@ -148,3 +150,26 @@ def mbar_weights(u: np.ndarray, n_k: np.ndarray) -> np.ndarray:
     log_w = -logsumexp(log_n[:, None] + f[:, None] - u, axis=0)
     w = np.exp(log_w - log_w.max())
     return w / w.sum()
+
+
+def system_at_backbone_dihedrals(system, phi_rad: float, psi_rad: float):
+    """``system`` (a :class:`molflow.systems.System`, one residue with a backbone phi and psi) with its
+    start structure turned strain-free about its backbone bonds to (``phi_rad``, ``psi_rad``): the
+    rigid-body turn of the torsion drive (molflow.models.torsion_drive), every bond length and angle
+    kept. The force field and fingerprint are unchanged (only the start differs), so
+    ``molflow.simulate(system_at_backbone_dihedrals(mol, 1.0, 0.6), ...)`` records MD started in
+    alpha_L."""
+    import dataclasses
+
+    import torch
+
+    from ..errors import InputError
+    from ..models.torsion_drive import build_torsion_drive, dihedral_and_gradient
+
+    drive = build_torsion_drive(system, 3, 8).double()
+    if drive.quads.shape[0] != 2:
+        raise InputError(f"{system.name}: need exactly one backbone phi and psi, found {drive.quads.shape[0]} torsions")
+    x = torch.as_tensor(system.positions_nm[None], dtype=torch.float64)
+    delta = torch.tensor([[phi_rad, psi_rad]], dtype=torch.float64) - dihedral_and_gradient(x, drive.quads)[0]
+    x, _ = drive.turn(x, torch.zeros_like(x), delta, torch.as_tensor(system.masses_amu, dtype=torch.float64))
+    return dataclasses.replace(system, positions_nm=x[0].numpy())

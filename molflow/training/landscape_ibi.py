@@ -28,6 +28,15 @@ with r = ln p_map - ln p_data on the pair grid and r_phi, r_psi the log-ratios o
 (the 1-D tables take those): psi's law given phi's end then moves by r(phi, psi) - r_phi(phi) in
 all, the conditional log-ratio. Measured on alanine dipeptide: README, issue 17.
 
+**Starts.** Rollouts of 0.2 ns are far shorter than alanine dipeptide's alpha_L exchange (about 2
+ns), so their histogram reads how the starts' law drifts: a target whose rare basin holds 2.7% of
+the law needs starts in that basin in exactly that share, or the binomial noise of a few starts there
+moves the table (measured: an overshoot to 8% alpha_L, README, issue 17). ``start_weights`` weigh
+each rollout's frames by its start's weight: with :func:`stratified_starts` (a fixed share of starts
+in the rare basin, each group drawn by weight, each start weighted by its group's mass over its
+number of starts) the weighted starts are the target law without that noise, and the fixed point is
+a map that keeps the target law stationary over the rollouts.
+
 :func:`ibi_refine` is the loop on any table and any sampler (tested on an exact toy);
 :func:`refine_landscape` runs it on a molecular flow map.
 """
@@ -189,25 +198,76 @@ def _nearest_node(e: np.ndarray, n: int) -> np.ndarray:
     return np.round((e + np.pi) / (2 * np.pi) * n).astype(np.int64) % n
 
 
+def _torsion_weights(w: np.ndarray, n_torsions: int) -> np.ndarray:
+    """Frame weights (M,) or per-torsion weights (M, Q) as (M, Q)."""
+    w = np.asarray(w, dtype=np.float64)
+    return np.broadcast_to(w[:, None], (len(w), n_torsions)) if w.ndim == 1 else w
+
+
+def _residue_pairs(drive) -> list[tuple[int, int]]:
+    """(phi torsion, psi torsion) index pairs, one per residue with both."""
+    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
+    return [(int(a), int(b)) for a, b in zip(phis, drive.partners.cpu().numpy()[phis]) if b >= 0]
+
+
 def _kind_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted counts (2, n) of end angles e (M, Q) per torsion kind on the landscape's grid."""
+    """Weighted counts (2, n) of end angles e (M, Q) per torsion kind on the landscape's grid; weights
+    per frame (M,) or per frame and torsion (M, Q)."""
     n = drive.n_landscape
     idx = _nearest_node(e, n)
+    w = _torsion_weights(w, e.shape[1])
     counts = np.zeros((2, n))
     for q, k in enumerate(drive.kinds.argmax(1).cpu().numpy()):
-        counts[k] += np.bincount(idx[:, q], weights=w, minlength=n)
+        counts[k] += np.bincount(idx[:, q], weights=w[:, q], minlength=n)
     return counts
 
 
 def _pair_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted joint counts (m, m) of each residue's (phi, psi) end angles on the pair grid."""
+    """Weighted joint counts (m, m) of each residue's (phi, psi) end angles on the pair grid (weights
+    as :func:`_kind_counts`; a residue's frames count by its phi torsion's weight)."""
     m = drive.n_pair
-    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
     idx = _nearest_node(e, m)
+    w = _torsion_weights(w, e.shape[1])
     counts = np.zeros((m, m))
-    for a, b in zip(phis, drive.partners.cpu().numpy()[phis]):
-        counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w, minlength=m * m).reshape(m, m)
+    for a, b in _residue_pairs(drive):
+        counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w[:, a], minlength=m * m).reshape(m, m)
     return counts
+
+
+def stratified_starts(weights: np.ndarray, n: int, labels: np.ndarray, shares: dict[int, float],
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` start frames drawn from a weighted pool (``weights`` (M,), e.g. umbrella frames' MBAR
+    weights) with a fixed share of starts per label (``labels`` (M,) ints, e.g. 1 for alpha_L;
+    ``shares`` {label: share}, the rest of the starts from the other labels; counts by largest
+    remainder so they sum to ``n``), each group drawn by weight with systematic resampling. Returns
+    (indices (n,), start weights (n,), mean 1): each start weighs its group's share of the pool's
+    weight over the group's number of starts, so the weighted starts are the pool's law, a rare basin
+    getting its starts without binomial noise (``refine_landscape(..., start_weights=)``)."""
+    w = np.asarray(weights, dtype=np.float64)
+    lab = np.asarray(labels)
+    if w.shape != lab.shape or w.ndim != 1 or not (np.isfinite(w).all() and (w >= 0).all()) or w.sum() <= 0:
+        raise InputError("need one finite, non-negative weight (not all zero) and one label per frame")
+    rest = np.flatnonzero(~np.isin(lab, list(shares)))
+    groups = [np.flatnonzero(lab == k) for k in shares] + [rest]
+    want = np.array([*shares.values(), max(0.0, 1.0 - sum(shares.values())) if len(rest) else 0.0])
+    want = want / want.sum() * n
+    k = np.floor(want).astype(int)
+    k[np.argsort(k - want)[:n - k.sum()]] += 1  # largest remainders
+    rng = np.random.default_rng(seed)
+    idx_out, w_out = [], []
+    for idx, m in zip(groups, k):
+        if m <= 0:
+            if len(idx) and w[idx].sum() > 0:
+                raise InputError(f"a group with weight {w[idx].sum() / w.sum():.3g} of the pool got no start; "
+                                 "raise n or its share")
+            continue
+        if len(idx) == 0 or w[idx].sum() <= 0:
+            raise InputError(f"no weighted frames to draw {m} starts from (labels {sorted(set(lab.tolist()))})")
+        c = np.cumsum(w[idx]) / w[idx].sum()
+        idx_out.append(idx[np.minimum(np.searchsorted(c, (rng.uniform() + np.arange(m)) / m), len(idx) - 1)])
+        w_out.append(np.full(m, w[idx].sum() / w.sum() / m))
+    sw = np.concatenate(w_out)
+    return np.concatenate(idx_out), sw / sw.mean()
 
 
 def end_angle_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
@@ -234,14 +294,21 @@ def pair_counts(drive, positions_nm: np.ndarray, chunk: int = 20000,
 
 def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.ndarray, np.ndarray],
                      cfg: LandscapeIBIConfig | None = None, finish=None, progress: bool = True,
-                     data_weights: np.ndarray | None = None) -> list[dict]:
+                     data_weights: np.ndarray | None = None, start_weights: np.ndarray | None = None) -> list[dict]:
     """Refine the landscape of ``fm``'s (a :class:`molflow.sampling.FlowMap`) binned torsion drive in
     place against the end-angle marginals of ``data_positions_nm`` (M, A, 3) training frames, with
     free-running rollouts from ``start_states`` (x nm, v nm/ps) at the map's recommended finish (or
     ``finish``). A drive with a pair landscape has it refined from the same rollouts. ``data_weights``
     (M,) weigh the target frames (biased sampling, e.g. umbrella windows with their MBAR weights).
-    Returns the per-iteration records (:func:`ibi_refine`)."""
+    ``start_weights`` (S,) weigh each rollout's frames by its start's weight (:func:`stratified_starts`;
+    module docstring). Returns the per-iteration records (:func:`ibi_refine`)."""
     cfg = cfg or LandscapeIBIConfig()
+    if start_weights is not None:
+        sw = np.asarray(start_weights, dtype=np.float64).ravel()
+        if len(sw) != len(start_states[0]) or not (np.isfinite(sw).all() and (sw >= 0).all() and sw.sum() > 0):
+            raise InputError(f"need one finite, non-negative weight per start state ({len(start_states[0])})")
+        if cfg.replicas != len(sw):
+            raise InputError(f"start_weights need one rollout per start: replicas {cfg.replicas} != {len(sw)} starts")
     drive = getattr(fm.model, "drive", None)
     if drive is None or not getattr(drive, "n_landscape", 0):
         raise InputError("refine_landscape needs a map with a binned torsion drive and a landscape")
@@ -250,10 +317,14 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
     c_data = _kind_counts(drive, e_data, w_data)
     A = fm.system.n_atoms
 
-    def rollout(table: np.ndarray, pair: np.ndarray | None, it: int) -> np.ndarray:
+    def rollout(table: np.ndarray, pair: np.ndarray | None, it: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rollouts' end angles (M, Q) over their finite frames and the frames' weights."""
         set_tables(table, pair)
         r = fm.sample(start_states, cfg.jumps, tau, replicas=cfg.replicas, seed=cfg.seed + it, finish=finish)
-        return r["positions"][:, cfg.burn_jumps + 1:].reshape(-1, A, 3)
+        # one rollout per start (checked above): replica i starts from start state i
+        x = r["positions"][:, cfg.burn_jumps + 1:]
+        w = None if start_weights is None else np.repeat(sw, x.shape[1])
+        return end_angles(drive, x.reshape(-1, A, 3), w)
 
     def set_tables(table: np.ndarray, pair: np.ndarray | None) -> None:
         with torch.no_grad():
@@ -265,7 +336,7 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
     table0 = drive.landscape.detach().cpu().numpy()
     if getattr(drive, "n_pair", 0):
         def sample_both(table, pair, it):
-            e, w = end_angles(drive, rollout(table, pair, it))
+            e, w = rollout(table, pair, it)
             return _kind_counts(drive, e, w), _pair_counts(drive, e, w)
 
         table, pair, records = ibi_refine(table0, sample_both, c_data, cfg, say,
@@ -273,7 +344,7 @@ def refine_landscape(fm, data_positions_nm: np.ndarray, start_states: tuple[np.n
                                           c_pair_data=_pair_counts(drive, e_data, w_data))
     else:
         pair = None
-        table, records = ibi_refine(table0, lambda t, it: end_angle_counts(drive, rollout(t, None, it)),
+        table, records = ibi_refine(table0, lambda t, it: _kind_counts(drive, *rollout(t, None, it)),
                                     c_data, cfg, say)
     set_tables(table, pair)
     return records

@@ -270,10 +270,10 @@ def _report(s: dict, z: dict) -> str:
     lines += ["The shipped map (τ_max = 0.5 ps, trained in three phases for 115 min on 2 CPU cores: a network, "
               "a strain-free torsion drive fitted by log-likelihood on MD that includes runs started in αL, and the "
               "drive's 1-D and joint (φ, ψ) landscapes refined against an umbrella-sampling law) keeps every bond and "
-              "angle physical with its force-field finish, its energy within target and its β / αR / αL populations "
-              "within one standard error of umbrella sampling's 0.53 / 0.45 / 0.027, at about 10× stock OpenMM. "
-              "Started in αL it leaves at MD's rate (0.97 ± 0.22 of it). What it misses (see `flowmap.json`'s "
-              "fidelity line and the README): the φ and 2-D free energies against 100 ns of MD stay above 1 "
-              "kJ/mol (that reference's two αL visits are not a law), and its φ flip rate is not yet pinned to "
-              "20%. `molflow train ... --device cuda` at full size is the way to a better map."]
+              "angle physical with its force-field finish, its energy within target and its (φ, ψ) law in β and αR as "
+              "close to umbrella sampling's as 100 ns of MD's own, at about 10× stock OpenMM; started in αL it leaves "
+              "at MD's rate (0.97 ± 0.22 of it). What it misses (see `flowmap.json` and the README): it enters αL about "
+              "three times too often, so αL holds 8.8 ± 2.7% against 2.7 ± 0.5% and φ flips run 1.6-2.4× MD's, and its "
+              "φ and 2-D free energies against 100 ns of MD stay above 1 kJ/mol. `molflow train ... --device cuda` at "
+              "full size is the way to a better map."]
     return "\n".join(lines) + "\n"

@@ -35,7 +35,9 @@ moves the table (measured: an overshoot to 8% alpha_L, README, issue 17). ``star
 each rollout's frames by its start's weight: with :func:`stratified_starts` (a fixed share of starts
 in the rare basin, each group drawn by weight, each start weighted by its group's mass over its
 number of starts) the weighted starts are the target law without that noise, and the fixed point is
-a map that keeps the target law stationary over the rollouts.
+a map that keeps the target law stationary over the rollouts. That fixed point does not pin a flux
+the rollouts rarely show: the shipped map, refined so, enters alpha_L about three times as often as
+MD (README, issue 17).
 
 :func:`ibi_refine` is the loop on any table and any sampler (tested on an exact toy);
 :func:`refine_landscape` runs it on a molecular flow map.

@@ -102,7 +102,9 @@ PROBE_TAUS = (0.1, 0.5)
 # by its start's weight). Earlier versions: phase 3 refined the 1-D
 # tables against the training data (which hold no alpha_L), phase 4 added the pair table (which took
 # the joint JS against MD from 0.015 down); a probe refining both against the umbrella law with the
-# plain rollout histogram overshot alpha_L to 8.3% (umbrella 2.65%). Measured: README, issue 17.
+# plain rollout histogram overshot alpha_L to 8.3% (umbrella 2.65%). What this phase cannot see: 0.2-ns
+# rollouts rarely cross into alpha_L, so the flux in is not priced; free-running 409.6 ns the map holds
+# 8.8 +- 2.7% alpha_L (entries ~2.8x MD's, exits at MD's rate). Measured: README, issue 17.
 LANDSCAPE_IBI = dict(iterations=8, replicas=64, jumps=400, burn_jumps=40, damping=0.7, damping_decay=0.8,
                      clip_kT=2.0, pseudo_count=0.5, seed=100)
 ALPHA_L_START_SHARE = 0.25

@@ -200,39 +200,24 @@ def _nearest_node(e: np.ndarray, n: int) -> np.ndarray:
     return np.round((e + np.pi) / (2 * np.pi) * n).astype(np.int64) % n
 
 
-def _torsion_weights(w: np.ndarray, n_torsions: int) -> np.ndarray:
-    """Frame weights (M,) or per-torsion weights (M, Q) as (M, Q)."""
-    w = np.asarray(w, dtype=np.float64)
-    return np.broadcast_to(w[:, None], (len(w), n_torsions)) if w.ndim == 1 else w
-
-
-def _residue_pairs(drive) -> list[tuple[int, int]]:
-    """(phi torsion, psi torsion) index pairs, one per residue with both."""
-    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
-    return [(int(a), int(b)) for a, b in zip(phis, drive.partners.cpu().numpy()[phis]) if b >= 0]
-
-
 def _kind_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted counts (2, n) of end angles e (M, Q) per torsion kind on the landscape's grid; weights
-    per frame (M,) or per frame and torsion (M, Q)."""
+    """Weighted counts (2, n) of end angles e (M, Q) per torsion kind on the landscape's grid."""
     n = drive.n_landscape
     idx = _nearest_node(e, n)
-    w = _torsion_weights(w, e.shape[1])
     counts = np.zeros((2, n))
     for q, k in enumerate(drive.kinds.argmax(1).cpu().numpy()):
-        counts[k] += np.bincount(idx[:, q], weights=w[:, q], minlength=n)
+        counts[k] += np.bincount(idx[:, q], weights=w, minlength=n)
     return counts
 
 
 def _pair_counts(drive, e: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted joint counts (m, m) of each residue's (phi, psi) end angles on the pair grid (weights
-    as :func:`_kind_counts`; a residue's frames count by its phi torsion's weight)."""
+    """Weighted joint counts (m, m) of each residue's (phi, psi) end angles on the pair grid."""
     m = drive.n_pair
+    phis = np.flatnonzero(drive.kinds[:, 0].cpu().numpy() > 0.5)
     idx = _nearest_node(e, m)
-    w = _torsion_weights(w, e.shape[1])
     counts = np.zeros((m, m))
-    for a, b in _residue_pairs(drive):
-        counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w[:, a], minlength=m * m).reshape(m, m)
+    for a, b in zip(phis, drive.partners.cpu().numpy()[phis]):
+        counts += np.bincount(idx[:, a] * m + idx[:, b], weights=w, minlength=m * m).reshape(m, m)
     return counts
 
 

@@ -220,7 +220,8 @@ def main() -> int:
         src = json.loads(Path(args.phase1_from).with_suffix(".json").read_text())
         train_s = src.get("train_wall_s")
         phase1_from = {"map": Path(args.phase1_from).name, "train_wall_s": train_s,
-                       "command": src.get("command_phases_1_3", src.get("command"))}
+                       "command": (src.get("phase1_from") or {}).get("command")  # the network's own run
+                       or src.get("command_phases_1_3", src.get("command"))}
     if not (args.reuse and full.exists()):
         t0 = time.perf_counter()
         molflow.train("alanine_dipeptide", data=files, out=full, steps=args.steps, device=args.device,

@@ -42,9 +42,15 @@ import torch
 CHECK_PS = (0.5, 1.0, 5.0, 25.0, 100.0)
 
 
+def phi_per_frame(x_nm: np.ndarray, system) -> np.ndarray:
+    """phi (rad) of every frame of runs x (R, F, A, 3) nm, as (R, F)."""
+    from molflow.evaluation.dihedrals import phi_psi
+
+    return np.asarray(phi_psi(x_nm.reshape(-1, x_nm.shape[2], 3), system)[0]).reshape(x_nm.shape[:2])
+
+
 def survival(model: str, umbrella: str, variant: str, replicas: int, seed: int) -> dict:
     import molflow
-    from molflow.evaluation.dihedrals import phi_psi
     from molflow.sampling import maxwell_boltzmann_velocities
 
     fm = molflow.FlowMap.load(model, device="cpu")
@@ -70,7 +76,7 @@ def survival(model: str, umbrella: str, variant: str, replicas: int, seed: int) 
     n_jumps = int(round(max(CHECK_PS) / tau))
     r = fm.sample((x0, v0), n_jumps, tau, replicas=replicas, seed=seed, progress=False)
     x = r["positions"]
-    phi = np.asarray(phi_psi(x.reshape(-1, x.shape[2], 3), fm.system)[0]).reshape(x.shape[0], x.shape[1])
+    phi = phi_per_frame(x, fm.system)
     inside = phi > 0
     return {"variant": variant, "replicas": replicas, "tau_ps": tau,
             "fraction_in_alpha_L": {f"{t:g}ps": float(inside[:, int(round(t / tau))].mean()) for t in CHECK_PS},
@@ -118,7 +124,6 @@ def exit_rates(model: str, md_path: str, seed: int) -> dict:
     import time
 
     import molflow
-    from molflow.evaluation.dihedrals import phi_psi
 
     fm = molflow.FlowMap.load(model, device="cpu")
     with molflow.Trajectory(md_path) as t:
@@ -126,14 +131,13 @@ def exit_rates(model: str, md_path: str, seed: int) -> dict:
         x0, v0 = x_md[:, 0], np.asarray(t.velocities[:, 0], dtype=np.float64)
         dt = t.frame_interval_ps
     R, F = x_md.shape[:2]
-    phi_md = np.asarray(phi_psi(x_md.reshape(-1, x_md.shape[2], 3), fm.system)[0]).reshape(R, F)
+    phi_md = phi_per_frame(x_md, fm.system)
     tau = fm.tau_max_ps
     n_jumps = int(round((F - 1) * dt / tau))
     t0 = time.perf_counter()
     r = fm.sample((x0, v0), n_jumps, tau, replicas=R, seed=seed, progress=True)
     map_s = time.perf_counter() - t0
-    x = r["positions"]
-    phi_map = np.asarray(phi_psi(x.reshape(-1, x.shape[2], 3), fm.system)[0]).reshape(x.shape[0], x.shape[1])
+    phi_map = phi_per_frame(r["positions"], fm.system)
     md, mp_ = exit_rate(phi_md, dt), exit_rate(phi_map, tau)
     ratio = mp_["exit_rate_per_ns"] / md["exit_rate_per_ns"]
     ratio_se = ratio * np.sqrt(1 / max(md["exits"], 1) + 1 / max(mp_["exits"], 1))

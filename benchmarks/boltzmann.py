@@ -1,6 +1,20 @@
-"""Benchmark: the few-step Boltzmann sampler on alanine dipeptide (issue #5; not a test).
+"""Benchmark: the few-step Boltzmann sampler on alanine dipeptide (issues #5 and 19; not a test).
 
-Records (or reuses) training MD and an independent reference MD, trains a Boltzmann map
+``--kind internal`` (default; issue 19): the internal-coordinate sampler (molflow/boltzmann/icflow.py).
+Training data: umbrella windows along phi with their MBAR weights (``--train-data W/umbrella.npz``,
+or recorded here with molflow.md.umbrella.sample_phi_windows, ~3 minutes on 2 cores); the model is
+trained (``train_boltzmann``, the committed recipe below) or reused (``--model``). For 0 (the fitted
+base alone), 1, 2, 4 and 10 map steps: weighted samples (every one kept, exact weights) evaluated by
+``molflow.evaluate`` against the reference (``--reference``, >= 100 ns for the alpha_L population)
+and, with ``--umbrella``, against the umbrella law (JS, 2-D FES RMSE, basin populations); ESS/N,
+invertibility failures with causes, wall clock per sample (map, energies), effective samples per
+CPU-second beside MD's (integrated autocorrelation times of phi and psi in the reference, stock
+OpenMM timed in the same run).
+
+    OMP_NUM_THREADS=1 python benchmarks/boltzmann.py --kind internal --reference ref_100fs.h5 \
+        --train-data umbrella.npz --umbrella umbrella.npz --out benchmarks/results/boltzmann_internal_cpu.json
+
+``--kind vp`` (issue #5): records (or reuses) training MD and an independent reference MD, trains a Boltzmann map
 (``molflow.train_boltzmann``), and for 1, 2, 4 and 10 map steps draws conformations without weights
 (many) and with exact Boltzmann weights (fewer: the float64 Jacobian costs ~63 map evaluations per
 sample and step), evaluates both with ``molflow.evaluate`` against the reference and reports ESS/N,
@@ -52,6 +66,12 @@ SIZES = {
                  n_weighted=10000, eta_scan_samples=2000, eta_scan_steps=64, workers=None),
 }
 STEPS = (1, 2, 4, 10)
+#: the internal-coordinate sampler's recipe and sample counts per size
+INTERNAL = {
+    "small": dict(train_steps=12000, n_weighted=50000, seed=19),
+    "tiny": dict(train_steps=2, n_weighted=64, seed=19),  # checks that the script runs
+    "full": dict(train_steps=4000, n_weighted=200000, seed=19),
+}
 ETAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0)
 
 
@@ -212,6 +232,127 @@ def _g(d, k):
     v = (d or {}).get(k)
     return "n/a" if v is None else f"{v:.3f}"
 
+def run_internal(args) -> int:
+    """The ``--kind internal`` benchmark (module docstring)."""
+    import h5py
+    import openmm
+
+    from molflow.devices import device_description
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from phi_umbrella import basin_shares, compare_to_umbrella
+
+    z = dict(INTERNAL[args.size])
+    if args.n_weighted:
+        z["n_weighted"] = args.n_weighted
+    steps = [0] + [k for k in args.steps if k != 0]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    system = molflow.load_system("alanine_dipeptide")
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    if not args.reference:
+        raise SystemExit("--kind internal needs --reference (long reference MD, >= 100 ns for alpha_L)")
+    ref = Path(args.reference)
+    train = Path(args.train_data) if args.train_data else work / "umbrella.npz"
+    t0 = time.perf_counter()
+    if not train.exists():
+        from molflow.md.umbrella import sample_phi_windows
+
+        u = sample_phi_windows("alanine_dipeptide")
+        np.savez_compressed(train, positions=u["positions"], weight=u["weight"], phi=u["phi"], psi=u["psi"],
+                            window=u["window"], centres=u["centres"], fingerprint=system.fingerprint)
+    timings["training_data_s"] = time.perf_counter() - t0
+    model = Path(args.model) if args.model else work / "bg_internal.pt"
+    t0 = time.perf_counter()
+    if not args.model:
+        molflow.train_boltzmann("alanine_dipeptide", train, model, steps=z["train_steps"], seed=z["seed"],
+                                config={"kind": "internal"}, overwrite=True)
+    timings["training_s"] = time.perf_counter() - t0
+    ck = torch.load(model, map_location="cpu", weights_only=True)
+    hist = ck["history_json"] if isinstance(ck["history_json"], list) else json.loads(ck["history_json"])
+    train_info = {"model": str(model), "steps": int(ck["step"]), "training_wall_clock_s": ck.get("training_wall_clock_s"),
+                  "map_config": ck["map_config_json"], "train_config": ck["train_config_json"],
+                  "data": ck.get("data_json"), "n_frames": ck.get("n_frames"),
+                  "last_validation": next((h for h in reversed(hist) if "val_nll_0" in h), None),
+                  "batch_ess_last_200": {k: float(np.mean([h[k] for h in hist[-200:] if k in h]))
+                                         for k in hist[-1] if k.startswith("ess_")}}
+    umb = None
+    if args.umbrella:
+        with np.load(args.umbrella) as u:
+            umb = (np.asarray(u["phi"]), np.asarray(u["psi"]), np.asarray(u["weight"]))
+    bs = molflow.BoltzmannSampler.load(model)
+    rows = []
+    from molflow.evaluation.dihedrals import phi_psi
+
+    for K in steps:
+        conf = work / f"conf_internal_{K}.h5"
+        res = bs.sample(z["n_weighted"], steps=K, seed=100 + K, reweight=True, out=conf, overwrite=True)
+        a = res["attrs"]
+        m = molflow.evaluate(ref, conf, work / f"report_internal_{K}", progress=False)
+        s, sw = m["stationary"], m["stationary_weighted"]
+        pops = lambda bp: {b: v for b, v in bp.items() if isinstance(v, dict)}  # noqa: E731
+        row = {"steps": K, "n": a["n_samples"], "ess": a["ess"], "ess_fraction": a["ess_fraction"],
+               "n_invertibility_failures": a["n_invertibility_failures"], "n_outside_domain": a["n_outside_domain"],
+               "n_wrong_chirality": a["n_wrong_chirality"], "n_nonfinite_energy": a["n_nonfinite_energy"],
+               "n_weight_zero": a["n_weight_zero"], "max_weight": a["max_weight"],
+               "wall_clock_s": a["wall_clock_s"], "wall_clock_map_s": a["wall_clock_map_s"],
+               "wall_clock_energy_s": a["wall_clock_energy_s"], "samples_per_s": a["n_samples"] / a["wall_clock_s"],
+               "effective_samples_per_s": a["ess"] / a["wall_clock_s"],
+               "unweighted": {"js_phi_psi": s["js_phi_psi"], "fes_rmse_kj_mol_2d": s["fes_rmse_kj_mol"]["phi_psi"],
+                              "energy_w1_kj_mol": s["energy_w1_kj_mol"]},
+               "weighted_vs_reference_judge": {
+                   "js_phi_psi": sw.get("js_phi_psi"), "fes_rmse_kj_mol": sw.get("fes_rmse_kj_mol"),
+                   "energy_w1_kj_mol": sw.get("energy_w1_kj_mol"), "bond_w1_nm": sw.get("bond_w1_nm"),
+                   "basin_populations": pops((sw.get("basin_populations") or {}).get("samples") or {})},
+               "noise_floor": _md_row(m["noise_floor"]),
+               "reference_basin_populations": pops(s["basin_populations"]["reference"])}
+        if umb is not None:
+            ph, ps = phi_psi(res["positions"].astype(np.float64)[None], system)
+            row["weighted_vs_umbrella"] = compare_to_umbrella(*umb, ph, ps, system.kT_kj_mol, weights=res["weights"])
+        rows.append(row)
+        wv = row["weighted_vs_reference_judge"]
+        print(f"  K={K:2d} ESS/N {row['ess_fraction']:.3f} failures {row['n_invertibility_failures']} "
+              f"| weighted JS vs J {wv['js_phi_psi']:.4f} (floor {_g(row['noise_floor'], 'js_phi_psi')}) "
+              f"| alpha_L {wv['basin_populations'].get('alpha_L_C7ax', {}).get('population', float('nan')):.4f} "
+              f"| {row['samples_per_s']:.0f} conf/s, {row['effective_samples_per_s']:.0f} effective/s", flush=True)
+    t0 = time.perf_counter()
+    md_rate = md_effective_rate(ref, system)
+    timings["md_effective_rate_s"] = time.perf_counter() - t0
+    reference_vs_umbrella = None
+    if umb is not None:
+        with molflow.Trajectory(ref) as t:
+            rph, rps = phi_psi(np.asarray(t.positions[:], dtype=np.float64), system)
+        reference_vs_umbrella = {"umbrella_populations": basin_shares(*umb),
+                                 "reference_all": compare_to_umbrella(*umb, rph, rps, system.kT_kj_mol)}
+    timings["total_s"] = time.perf_counter() - t_all
+    print(f"\nMD: tau_int phi {md_rate['tau_int_phi_ps']:.3g} ps, psi {md_rate['tau_int_psi_ps']:.3g} ps: "
+          f"{md_rate['effective_samples_phi_per_cpu_s']:.3g} / {md_rate['effective_samples_psi_per_cpu_s']:.3g} "
+          f"effective samples of phi / psi per CPU-second of stock OpenMM")
+    print(f"{'K':>3s} {'ESS/N':>7s} {'fail':>5s} {'JS w vs J':>9s} {'FES2d vs J':>10s} {'JS vs umb':>9s} "
+          f"{'FES2d vs umb':>12s} {'alpha_L':>8s} {'eff/s':>8s}")
+    for r in rows:
+        wv, wu = r["weighted_vs_reference_judge"], r.get("weighted_vs_umbrella") or {}
+        print(f"{r['steps']:3d} {r['ess_fraction']:7.3f} {r['n_invertibility_failures']:5d} "
+              f"{wv['js_phi_psi'] or float('nan'):9.4f} {(wv['fes_rmse_kj_mol'] or {}).get('phi_psi') or float('nan'):10.2f} "
+              f"{wu.get('js_phi_psi_vs_umbrella') or float('nan'):9.4f} "
+              f"{wu.get('fes_rmse_phi_psi_kj_mol_vs_umbrella') or float('nan'):12.2f} "
+              f"{(wu.get('populations') or {}).get('alpha_L_C7ax', float('nan')):8.4f} {r['effective_samples_per_s']:8.0f}")
+    result = {
+        "benchmark": "boltzmann", "kind": "internal", "size": args.size, "system": "alanine_dipeptide",
+        "settings": {**z, "steps": steps, "train_data": str(train), "reference": str(ref), "umbrella": args.umbrella,
+                     "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "hardware": {"sampler": device_description(torch.device("cpu")), "reference_md": _attr(ref, "hardware")},
+        "versions": {"molflow": molflow.__version__, "torch": torch.__version__, "openmm": openmm.__version__,
+                     "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version()},
+        "training": train_info, "md_effective_rate": md_rate, "reference_vs_umbrella": reference_vs_umbrella,
+        "results": rows, "timings_s": timings,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out} ({timings['total_s']:.0f} s)")
+    return 0
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,8 +372,13 @@ def main() -> int:
     ap.add_argument("--anneal-moves", type=int, default=1)
     ap.add_argument("--anneal-step-fs", type=float, default=1.0)
     ap.add_argument("--anneal-tempered", choices=("bonded", "all"), default="bonded")
+    ap.add_argument("--kind", choices=("internal", "vp"), default="internal",
+                    help="internal: the internal-coordinate sampler (default); vp: the Cartesian VP-SDE map")
+    ap.add_argument("--umbrella", help="umbrella windows (.npz: phi, psi, weight) to score the samples against")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.kind == "internal":
+        return run_internal(args)
     z = dict(SIZES[args.size])
     if args.n_weighted:
         z["n_weighted"] = args.n_weighted
@@ -277,7 +423,7 @@ def main() -> int:
         t0 = time.perf_counter()
         if not (args.model and label == "networks1"):
             molflow.train_boltzmann("alanine_dipeptide", train, path, steps=z["train_steps"], device=str(dev), seed=1,
-                                    config=dict(n_features=z["n_features"], n_layers=z["n_layers"],
+                                    config=dict(kind="vp", n_features=z["n_features"], n_layers=z["n_layers"],
                                                 batch_size=z["batch_size"], networks=nets))
         ck = torch.load(path, map_location="cpu", weights_only=True)
         hist = json.loads(ck["history_json"])

@@ -159,22 +159,24 @@ def main() -> int:
 
 
 def compare_to_umbrella(phi_u: np.ndarray, psi_u: np.ndarray, w_u: np.ndarray, phi: np.ndarray, psi: np.ndarray,
-                        kT: float) -> dict:
-    """How samples (phi, psi) (rad, any shape; unweighted) compare with the umbrella law (frames phi_u,
-    psi_u with unbiasing weights w_u): their basin populations, JS(phi, psi) against it, also for the
-    law given phi < 0 (both sides renormalised), and the psi free-energy RMSE (kJ/mol)."""
-    from molflow.evaluation.metrics import fes_rmse_1d, js_phi_psi
-
+                        kT: float, weights: np.ndarray | None = None) -> dict:
+    """How samples (phi, psi) (rad, any shape; ``weights`` optional, e.g. importance weights) compare with
+    the umbrella law (frames phi_u, psi_u with unbiasing weights w_u): their basin populations, JS(phi,
+    psi) against it, also for the law given phi < 0 (both sides renormalised), and the psi and (phi,
+    psi) free-energy RMSEs (kJ/mol, over the bins the umbrella law populates)."""
+    from molflow.evaluation.metrics import fes_rmse_1d, fes_rmse_2d, js_phi_psi
 
     a, b = np.asarray(phi, dtype=np.float64).ravel(), np.asarray(psi, dtype=np.float64).ravel()
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok], b[ok]
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(w)
+    a, b, w = a[ok], b[ok], w[ok]
     neg, neg_u = a < 0, phi_u < 0
-    return {"populations": basin_shares(a, b, None),
-            "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi_u, b, kT, weights_ref=w_u),
-            "js_phi_psi_vs_umbrella": js_phi_psi(phi_u, psi_u, a, b, weights_a=w_u),
+    return {"populations": basin_shares(a, b, w),
+            "fes_rmse_psi_kj_mol_vs_umbrella": fes_rmse_1d(psi_u, b, kT, weights_ref=w_u, weights=w),
+            "fes_rmse_phi_psi_kj_mol_vs_umbrella": fes_rmse_2d(phi_u, psi_u, a, b, kT, weights_ref=w_u, weights=w),
+            "js_phi_psi_vs_umbrella": js_phi_psi(phi_u, psi_u, a, b, weights_a=w_u, weights_b=w),
             "js_phi_psi_vs_umbrella_given_phi_negative": js_phi_psi(phi_u[neg_u], psi_u[neg_u], a[neg], b[neg],
-                                                                    weights_a=w_u[neg_u])}
+                                                                    weights_a=w_u[neg_u], weights_b=w[neg])}
 
 
 def basin_shares(phi, psi, w=None) -> dict[str, float]:

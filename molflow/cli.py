@@ -155,11 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="output folder")
 
     p = sub.add_parser("train-boltzmann", help="train the few-step Boltzmann sampler on reference MD frames",
-                       description="Learn the score of the reverse-time VP diffusion SDE on centred all-atom "
-                                   "positions (denoising score matching on the frames of --data) and its few-step "
-                                   "flow map (local and semigroup losses), with the equivariant PaiNN backbone.")
+                       description="Default (kind: internal): fit a density over internal coordinates (torsion "
+                                   "histograms, a Gaussian of bonds, angles and stiff torsions given them) to the "
+                                   "frames of --data, then train 1-, 2-, 4- and 10-step coupling maps on it against "
+                                   "the force field (reverse KL; exact densities). With kind: vp in --config: the "
+                                   "Cartesian VP-SDE flow map with the equivariant PaiNN backbone.")
     p.add_argument("system", help="built-in system name or a PDB file (must match the data)")
-    p.add_argument("--data", action="append", required=True, help="reference run file (repeatable)")
+    p.add_argument("--data", action="append", required=True,
+                   help="reference run file, or weighted frames (.npz: positions, weight — e.g. umbrella windows "
+                        "with MBAR weights) (repeatable)")
     p.add_argument("--out", required=True, help="checkpoint file to write (bg.pt)")
     p.add_argument("--steps", type=int, help="optimiser steps (default 4000)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Kish ESS).")
     p.add_argument("model", help="Boltzmann-sampler checkpoint (bg.pt)")
     p.add_argument("--n", type=int, required=True, help="number of conformations")
-    p.add_argument("--steps", type=int, default=4, help="map steps: 1, 2, 4 or 10 (default 4)")
+    p.add_argument("--steps", type=int, default=4, help="map steps: 1, 2, 4 or 10 (default 4); 0: the "
+                   "internal-coordinate sampler's fitted base alone")
     p.add_argument("--out", required=True, help="output HDF5 file (conf.h5)")
     p.add_argument("--reweight", action="store_true", help="compute exact Boltzmann importance weights")
     p.add_argument("--seed", type=int, help="master seed (default: random, printed and recorded)")
@@ -453,9 +458,9 @@ def _sample_boltzmann(args) -> int:
     from .errors import InputError
     from .seeding import random_seed
 
-    if args.steps not in SUPPORTED_STEPS:
-        raise InputError(f"--steps must be one of {', '.join(map(str, SUPPORTED_STEPS))} (the trained grids), "
-                         f"not {args.steps}")
+    if args.steps not in SUPPORTED_STEPS + (0,):
+        raise InputError(f"--steps must be one of {', '.join(map(str, SUPPORTED_STEPS))} (the trained step counts; "
+                         f"0: the internal-coordinate sampler's base alone), not {args.steps}")
     if Path(args.out).exists() and not args.overwrite:
         raise InputError(f"{args.out} exists: pass --overwrite to replace it")
     bs = BoltzmannSampler.load(args.model, device=args.device)

@@ -118,7 +118,7 @@ def test_sampler_with_the_annealed_finish(tmp_path):
                      seed=3, progress=False).close()
     bg = tmp_path / "bg.pt"
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("n_features: 8\nn_layers: 1\nn_rbf: 4\nbatch_size: 8\n")
+    cfg.write_text("kind: vp\nn_features: 8\nn_layers: 1\nn_rbf: 4\nbatch_size: 8\n")
     assert main(["--quiet", "train-boltzmann", "alanine_dipeptide", "--data", str(run), "--out", str(bg),
                  "--steps", "4", "--seed", "1", "--config", str(cfg)]) == 0
     out = tmp_path / "conf.h5"

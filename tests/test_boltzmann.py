@@ -25,7 +25,7 @@ from molflow.boltzmann.reweight import (INVERSE_OTHER_PREIMAGE, boltzmann_log_we
 from molflow.boltzmann.toy import double_well_2d, draw_path, toy_map
 from molflow.cli import EXIT_INPUT, main
 
-TINY = {"n_features": 8, "n_layers": 1, "n_rbf": 4, "batch_size": 8}
+TINY = {"kind": "vp", "n_features": 8, "n_layers": 1, "n_rbf": 4, "batch_size": 8}
 
 
 # ------------------------------------------------------------------------------ the SDE's steps

@@ -119,6 +119,9 @@ def inverse_iteration(fn: Callable, x: torch.Tensor, z_start: torch.Tensor, jac:
 
 #: outcomes of :func:`invertibility_check` (``status``)
 INVERSE_OK, INVERSE_SINGULAR, INVERSE_OTHER_PREIMAGE, INVERSE_NOT_CONVERGED = 0, 1, 2, 3
+#: a sample of the internal-coordinate sampler outside its Z-matrix's domain (an angle outside (0, π),
+#: a bond <= 0, a stiff torsion off its mean by more than π), where the map is not injective
+INVERSE_OUTSIDE_DOMAIN = 4
 
 
 def invertibility_check(fn: Callable, z: torch.Tensor, x: torch.Tensor, jac: torch.Tensor, *args: torch.Tensor,

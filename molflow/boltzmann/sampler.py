@@ -54,8 +54,10 @@ from ..systems import MolecularSystem, system_from_pdb_text
 from ..checkpoint import load_checkpoint
 from .anneal import AnnealSettings, MolecularEnergy, anneal
 from .geometry import ChiralityChecker, centre, centre_free_basis
+from .icflow import InternalFlow, InternalFlowConfig
 from .model import BoltzmannConfig, BoltzmannMap
-from .reweight import (INVERSE_NOT_CONVERGED, INVERSE_OTHER_PREIMAGE, INVERSE_SINGULAR, boltzmann_log_weights,
+from .reweight import (INVERSE_NOT_CONVERGED, INVERSE_OTHER_PREIMAGE, INVERSE_OUTSIDE_DOMAIN, INVERSE_SINGULAR,
+                       boltzmann_log_weights,
                        gaussian_log_density, invertibility_check, jacobian_and_value, kish_ess, logabsdet,
                        self_normalise)
 from .training import FORMAT, build_map
@@ -83,8 +85,11 @@ def read_samples(path: str | os.PathLike) -> dict[str, Any]:
 class BoltzmannSampler:
     """A trained Boltzmann map with its system: draws conformations and their weights."""
 
-    def __init__(self, model: BoltzmannMap, system: MolecularSystem, metadata: dict[str, Any] | None = None):
+    def __init__(self, model: "BoltzmannMap | InternalFlow", system: MolecularSystem,
+                 metadata: dict[str, Any] | None = None):
         self.model = model.eval()
+        #: "internal" (the internal-coordinate sampler, :mod:`.icflow`) or "vp" (the Cartesian VP-SDE map)
+        self.kind = "internal" if isinstance(model, InternalFlow) else "vp"
         self.system = system
         self.metadata = metadata or {}
         self.chirality = ChiralityChecker.for_system(system)
@@ -92,7 +97,7 @@ class BoltzmannSampler:
 
     @property
     def device(self) -> torch.device:
-        return self.model.scale.device
+        return self.model.chol.device if self.kind == "internal" else self.model.scale.device
 
     @property
     def fingerprint(self) -> str:
@@ -110,15 +115,23 @@ class BoltzmannSampler:
         s = ck["system_json"]
         mol = system_from_pdb_text(s["pdb"], s["forcefield"], s["temperature_K"], s["friction_per_ps"],
                                    s["timestep_fs"], s["name"])
+        meta = {"path": str(path), "step": ck.get("step"), "fingerprint": s["fingerprint"],
+                "training_wall_clock_s": ck.get("training_wall_clock_s"),
+                "map_config": ck["map_config_json"], "train_config": ck.get("train_config_json")}
+        if ck["map_config_json"].get("kind", "vp") == "internal":
+            try:
+                flow = InternalFlow(ck["layout_json"], InternalFlowConfig.from_dict(ck["map_config_json"]))
+                flow.load_state_dict(ck["model"])
+            except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+                raise InputError(f"{path}: the internal-coordinate sampler does not fit its recorded layout ({exc})"
+                                 ) from None
+            return cls(flow, mol, meta)  # runs on the CPU: a step is a few small matrix products
         model = build_map(mol, float(ck["scale_nm"]), BoltzmannConfig.from_dict(ck["map_config_json"]))
         try:
             model.load_state_dict(ck[weights])
         except (KeyError, RuntimeError) as exc:
             raise InputError(f"{path}: model weights do not fit the recorded architecture ({exc})") from None
-        return cls(model.to(resolve_device(device)), mol,
-                   {"path": str(path), "step": ck.get("step"), "fingerprint": s["fingerprint"],
-                    "training_wall_clock_s": ck.get("training_wall_clock_s"),
-                    "map_config": ck["map_config_json"], "train_config": ck.get("train_config_json")})
+        return cls(model.to(resolve_device(device)), mol, meta)
 
     # ------------------------------------------------------------------ drawing
     def _draw(self, B: int, K: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,13 +170,100 @@ class BoltzmannSampler:
         y = m.run(y, path, grid)
         return (y * m.scale).double().cpu().numpy()
 
+    def _common_attrs(self, n: int, K: int, seed: int, reweight: bool, B: int, energy_platform: str) -> dict[str, Any]:
+        """The sample file's provenance attributes shared by both kinds of sampler."""
+        from ..devices import device_description
+
+        return {
+            "format": FILE_FORMAT, "kind": "boltzmann_samples", "molflow_version": __version__,
+            "system": self.system.name, "fingerprint": self.system.fingerprint, "pdb": self.system.pdb_text,
+            "forcefield": list(self.system.forcefield_files), "temperature_K": self.system.temperature_K,
+            "friction_per_ps": self.system.friction_per_ps, "timestep_fs": self.system.timestep_fs,
+            "n_samples": n, "steps": K, "seed": seed, "reweight": bool(reweight), "batch_size": B,
+            "map_kind": self.kind, "model_path": str(self.metadata.get("path", "")),
+            "model_fingerprint": self.fingerprint, "model_step": int(self.metadata.get("step") or 0),
+            "training_wall_clock_s": float(self.metadata.get("training_wall_clock_s") or 0.0),
+            "hardware": device_description(self.device), "platform": f"torch {self.device}",
+            "energy_platform": energy_platform, "n_stereocentres": self.chirality.n_centres,
+            "units": "positions nm (centred), potential_energy kJ/mol (single-molecule NoCutoff)",
+        }
+
+    def _sample_internal(self, n: int, K: int, seed: int, reweight: bool, out, batch_size: int | None,
+                         energy_platform: str, progress: bool, anneal: AnnealSettings | None) -> dict[str, Any]:
+        """:meth:`sample` for the internal-coordinate sampler: the density is analytic, so the weights
+        cost one energy per sample; the map is invertible by construction (samples outside the Z-matrix
+        domain get weight zero and are counted); chirality is not folded: the stereocentre torsions are
+        stiff coordinates, so a sample of the wrong handedness is a model failure, kept with weight zero."""
+        from tqdm.auto import tqdm
+
+        from ..md.engine import EnergyEvaluator
+
+        B = int(batch_size or 4096)
+        kT = self.system.kT_kj_mol
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("positions", "log_det_jacobian", "log_base_density",
+                                                              "in_domain")}
+        bar = tqdm(total=n, disable=not progress, desc=f"sample-boltzmann K={K}", unit="conf", file=sys.stderr,
+                   dynamic_ncols=True)
+        t_start = time.perf_counter()
+        for b, s0 in enumerate(range(0, n, B)):
+            m = min(B, n - s0)
+            rng = np.random.default_rng([seed, b])
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            d = self.model.sample(m, K, gen)
+            for k in cols:
+                cols[k].append(d[k].cpu().numpy())
+            bar.update(m)
+        bar.close()
+        t_map = time.perf_counter() - t_start
+        x = np.concatenate(cols["positions"])
+        in_domain = np.concatenate(cols["in_domain"]).astype(bool)
+        t0 = time.perf_counter()
+        chir_ok = self.chirality.classify(x) == 1
+        finite = np.isfinite(x).all(axis=(1, 2))
+        U = np.full(n, np.nan)
+        U[finite] = EnergyEvaluator(self.system, energy_platform)(x[finite])
+        t_energy = time.perf_counter() - t0
+        res: dict[str, Any] = {"positions": x.astype(np.float32), "potential_energy": U, "chirality_ok": chir_ok,
+                               "reflected": np.zeros(n, dtype=bool)}
+        attrs = {**self._common_attrs(n, K, seed, reweight, B, energy_platform),
+                 "wall_clock_map_s": t_map, "wall_clock_reweight_s": 0.0, "wall_clock_energy_s": t_energy,
+                 "n_reflected": 0, "n_mixed_chirality": int((~chir_ok).sum()),
+                 "n_wrong_chirality": int((~chir_ok).sum()), "n_nonfinite_energy": int((~np.isfinite(U)).sum()),
+                 "n_outside_domain": int((~in_domain).sum())}
+        if reweight:
+            lad, lbase = np.concatenate(cols["log_det_jacobian"]), np.concatenate(cols["log_base_density"])
+            log_w, keep = boltzmann_log_weights(U / kT, lad, lbase, chir_ok, in_domain)
+            res.update(log_det_jacobian=lad, log_base_density=lbase, invertible=in_domain,
+                       inverse_status=np.where(in_domain, 0, INVERSE_OUTSIDE_DOMAIN).astype(np.int8))
+            if anneal is not None and anneal.n_temperatures > 0:
+                t1 = time.perf_counter()
+                res["log_weights_map"] = log_w
+                attrs["ess_fraction_map"] = kish_ess(self_normalise(log_w, keep)) / n
+                x, U, log_w, keep, info = _anneal_samples(self.system, x, U, log_w, keep, anneal, seed)
+                res.update(positions=x.astype(np.float32), potential_energy=U)
+                attrs.update(anneal_json=json.dumps({**dataclasses.asdict(anneal), **info}),
+                             wall_clock_anneal_s=time.perf_counter() - t1)
+            w = self_normalise(log_w, keep)
+            ess = kish_ess(w)
+            res.update(log_weights=log_w, weights=w)
+            attrs.update(ess=ess, ess_fraction=ess / n, n_invertibility_failures=int((~in_domain).sum()),
+                         n_singular_jacobian=0, n_inverse_other_preimage=0, n_inverse_not_converged=0,
+                         n_weight_zero=int((~keep).sum()), max_weight=float(w.max()) if w.size else 0.0,
+                         jacobian="analytic: coupling log-scales + Z-matrix volume (invertible by construction)")
+        attrs["wall_clock_s"] = time.perf_counter() - t_start
+        res["attrs"] = attrs
+        if out is not None:
+            write_samples(out, res)
+        return res
+
     def sample(self, n: int, steps: int = 4, seed: int | None = None, reweight: bool = False,
                out: str | os.PathLike | None = None, overwrite: bool = False, batch_size: int | None = None,
                jacobian_chunk: int | None = None, inverse_radius: float = 0.1, inverse_iterations: int = 30,
                energy_platform: str = "CPU", progress: bool = False,
                anneal: AnnealSettings | None = None) -> dict[str, Any]:
-        """Draw ``n`` conformations with ``steps`` map steps (1, 2, 4 or 10 as trained; others are
-        allowed but were not on the training grid unless they divide 64 or are below 32).
+        """Draw ``n`` conformations with ``steps`` map steps (1, 2, 4 or 10 as trained; for the VP map
+        others are allowed but were not on the training grid unless they divide 64 or are below 32; the
+        internal-coordinate sampler takes exactly its trained step counts, or 0 for its base alone).
 
         Returns a dict: ``positions`` (n, A, 3) nm (chirality folded), ``potential_energy`` (n,)
         kJ/mol, ``chirality_ok`` and ``reflected`` (n,), with ``reweight`` also ``log_weights``,
@@ -181,16 +281,17 @@ class BoltzmannSampler:
         from tqdm.auto import tqdm
 
         from ..md.engine import EnergyEvaluator
-        from ..devices import device_description
 
         n, K = int(n), int(steps)
         if n < 1:
             raise InputError("--n must be >= 1")
-        if K < 1:
-            raise InputError("--steps must be >= 1")
+        if K < (0 if self.kind == "internal" else 1):
+            raise InputError("--steps must be >= 1 (0, the base alone, for the internal-coordinate sampler)")
         if out is not None and Path(out).exists() and not overwrite:
             raise InputError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
         seed = random_seed() if seed is None else int(seed)
+        if self.kind == "internal":
+            return self._sample_internal(n, K, seed, reweight, out, batch_size, energy_platform, progress, anneal)
         on_gpu = self.device.type == "cuda"
         B = int(batch_size or (256 if reweight and on_gpu else 64 if reweight else 1024))
         chunk = int(jacobian_chunk or (64 if on_gpu else 4))
@@ -245,23 +346,13 @@ class BoltzmannSampler:
         wall = time.perf_counter() - t_start
         res: dict[str, Any] = {"positions": x.astype(np.float32), "potential_energy": U, "chirality_ok": chir_ok,
                                "reflected": reflected}
-        attrs: dict[str, Any] = {
-            "format": FILE_FORMAT, "kind": "boltzmann_samples", "molflow_version": __version__,
-            "system": self.system.name, "fingerprint": self.system.fingerprint, "pdb": self.system.pdb_text,
-            "forcefield": list(self.system.forcefield_files), "temperature_K": self.system.temperature_K,
-            "friction_per_ps": self.system.friction_per_ps, "timestep_fs": self.system.timestep_fs,
-            "n_samples": n, "steps": K, "seed": seed, "reweight": bool(reweight), "batch_size": B,
+        attrs: dict[str, Any] = {**self._common_attrs(n, K, seed, reweight, B, energy_platform), 
             "eta": self.model.config.eta, "networks": self.model.config.networks,
-            "model_path": str(self.metadata.get("path", "")), "model_fingerprint": self.fingerprint,
-            "model_step": int(self.metadata.get("step") or 0),
-            "training_wall_clock_s": float(self.metadata.get("training_wall_clock_s") or 0.0),
-            "hardware": device_description(self.device), "platform": f"torch {self.device}",
-            "energy_platform": energy_platform, "wall_clock_s": wall, "wall_clock_map_s": t_map,
+            "wall_clock_s": wall, "wall_clock_map_s": t_map,
             "wall_clock_reweight_s": t_rew, "wall_clock_energy_s": t_energy,
             "n_reflected": int(reflected.sum()), "n_mixed_chirality": int((~chir_ok).sum()),
             "n_wrong_chirality": int(reflected.sum() + (~chir_ok).sum()),
-            "n_stereocentres": self.chirality.n_centres, "n_nonfinite_energy": int((~np.isfinite(U)).sum()),
-            "units": "positions nm (centred), potential_energy kJ/mol (single-molecule NoCutoff)",
+            "n_nonfinite_energy": int((~np.isfinite(U)).sum()),
         }
         if reweight:
             for key in ("log_det_jacobian", "log_base_density", "invertible", "inverse_status", "inverse_distance",

@@ -77,27 +77,68 @@ class BoltzmannTrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def load_frames(paths: Sequence[str | os.PathLike], system: MolecularSystem, skip_fraction: float = 0.1
-                ) -> np.ndarray:
-    """Centred positions (M, A, 3) nm of every frame of the run files (after ``skip_fraction``)."""
+def load_weighted_frames(paths: Sequence[str | os.PathLike], system: MolecularSystem, skip_fraction: float = 0.1
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Centred positions (M, A, 3) nm and weights (M,) (mean 1) of the training frames.
+
+    A run file (``.h5``, or a sharded run's manifest) gives every frame after ``skip_fraction`` of each
+    replica, weight 1 (the frames of equilibrium MD are Boltzmann samples). A weighted-frame file
+    (``.npz`` with ``positions`` (M, A, 3) nm and ``weight`` (M,), e.g. umbrella windows with their MBAR
+    weights, :func:`molflow.md.umbrella.sample_phi_windows`) gives its frames with their weights,
+    rescaled so that each file carries mass in proportion to its frame count.
+    """
     from ..trajectory import Trajectory
 
     if not paths:
         raise InputError("no training data: pass at least one --data file")
-    out = []
+    xs, ws = [], []
     for p in paths:
+        if str(p).endswith(".npz"):
+            if not Path(p).is_file():
+                raise InputError(f"no such training file: {p}")
+            try:
+                with np.load(p) as z:
+                    x, w = np.asarray(z["positions"], dtype=np.float64), np.asarray(z["weight"], dtype=np.float64)
+                    fp = str(z["fingerprint"]) if "fingerprint" in z.files else None
+            except (KeyError, ValueError, OSError) as exc:
+                raise InputError(f"{p}: a weighted-frame file needs 'positions' (M, A, 3) nm and 'weight' (M,) "
+                                 f"({exc})") from None
+            if fp is not None and fp != system.fingerprint:
+                raise InputError(f"{p} was made for another system or settings (fingerprint {fp} vs "
+                                 f"{system.fingerprint})")
+            if x.ndim != 3 or x.shape[1:] != (system.n_atoms, 3) or w.shape != (len(x),):
+                raise InputError(f"{p}: positions {x.shape} and weight {w.shape} do not fit {system.name} "
+                                 f"({system.n_atoms} atoms)")
+            if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise InputError(f"{p}: weights must be finite, non-negative and not all zero")
+            xs.append(x)
+            ws.append(w * len(w) / w.sum())
+            continue
         with Trajectory(p) as t:
             if t.attrs.get("fingerprint") != system.fingerprint:
                 raise InputError(f"{p} was made for {t.attrs.get('system')!r} with other settings "
                                  f"(fingerprint {t.attrs.get('fingerprint')} vs {system.fingerprint})")
             first = min(int(math.ceil(skip_fraction * t.n_frames)), max(t.n_frames - 1, 0))
             x = np.asarray(t.positions[:, first:], dtype=np.float64)
-        out.append(x.reshape(-1, *x.shape[-2:]))
-    x = np.concatenate(out)
-    x = x[np.isfinite(x).all(axis=(1, 2))]
+        xs.append(x.reshape(-1, *x.shape[-2:]))
+        ws.append(np.ones(len(xs[-1])))
+    x, w = np.concatenate(xs), np.concatenate(ws)
+    finite = np.isfinite(x).all(axis=(1, 2))
+    x, w = x[finite], w[finite]
     if len(x) < 2:
         raise InputError("training needs at least 2 frames")
-    return centre(x)
+    return centre(x), w
+
+
+def load_frames(paths: Sequence[str | os.PathLike], system: MolecularSystem, skip_fraction: float = 0.1
+                ) -> np.ndarray:
+    """Centred positions (M, A, 3) nm of every frame of the run files (after ``skip_fraction``); the VP
+    map trains on equally weighted frames, so weighted-frame files are refused here."""
+    x, w = load_weighted_frames(paths, system, skip_fraction)
+    if not np.allclose(w, 1.0):
+        raise InputError("the VP map (kind: vp) trains on MD run files only, not on weighted frames (.npz); "
+                         "the internal-coordinate sampler (the default kind) takes both")
+    return x
 
 
 def pair_statistics(frames_nm: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -302,8 +343,12 @@ def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathL
                     **map_settings: Any) -> Path:
     """Train a Boltzmann map on reference runs of ``system``; writes the checkpoint ``out``.
 
-    ``config``: a :class:`BoltzmannTrainConfig` or a dict of its fields and
-    :class:`~molflow.boltzmann.model.BoltzmannConfig`'s (``map_settings`` override the latter).
+    ``config``: a dict of settings. Its ``kind`` picks the sampler: ``"internal"`` (default) — the
+    internal-coordinate sampler (:mod:`.icflow`; keys of :class:`~.icflow.InternalFlowConfig` and
+    :class:`~.icflow.InternalTrainConfig`), trained on run files and/or weighted-frame files (.npz);
+    ``"vp"`` — the Cartesian VP-SDE map (keys of :class:`BoltzmannTrainConfig` and
+    :class:`~molflow.boltzmann.model.BoltzmannConfig`; a :class:`BoltzmannTrainConfig` instance also
+    selects it), trained on run files. ``map_settings`` override the config's keys.
     ``steps`` counts optimiser steps. The checkpoint (``torch.load(weights_only=True)``) carries
     the model and its EMA copy, both configs, the scale, the system (PDB text, force field, settings,
     fingerprint), the training history and wall-clock time: sampling needs nothing else.
@@ -324,6 +369,21 @@ def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathL
         ck = load_checkpoint(out, expected_format=FORMAT, kind="Boltzmann-sampler")
         config, map_settings, seed = dict(ck["train_config_json"]), dict(ck["map_config_json"]), int(ck["seed"])
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    settings = {**(config if isinstance(config, dict) else {}), **map_settings}
+    if ck is not None:
+        kind = ck["map_config_json"].get("kind", "vp")
+    elif isinstance(config, BoltzmannTrainConfig):
+        kind = map_settings.get("kind", "vp")
+    else:
+        kind = settings.get("kind", "internal")
+    if kind not in ("internal", "vp"):
+        raise InputError(f"kind must be 'internal' (internal-coordinate sampler) or 'vp' (Cartesian VP-SDE map), "
+                         f"not {kind!r}")
+    if kind == "internal":
+        return _train_internal(system, paths, out, steps, seed, settings, progress, ck)
+    map_settings = {k: v for k, v in map_settings.items() if k != "kind"}
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k != "kind"}
     raw = config if isinstance(config, dict) else {}
     cfg = config if isinstance(config, BoltzmannTrainConfig) else BoltzmannTrainConfig.from_dict(dict(raw))
     if steps is not None:
@@ -362,4 +422,79 @@ def train_boltzmann(system: str | MolecularSystem, data: Sequence[str | os.PathL
                 save_checkpoint(out, trainer.state(time.perf_counter() - t0))
     finally:
         bar.close()
+    return out
+
+
+def _train_internal(system, paths: list, out: Path, steps: int | None, seed: int | None, settings: dict[str, Any],
+                    progress: bool, ck: dict[str, Any] | None) -> Path:
+    """``train_boltzmann`` for the internal-coordinate sampler: fit the base, train the coupling steps."""
+    from tqdm.auto import tqdm
+
+    from .icflow import InternalFlow, InternalFlowConfig, InternalTrainConfig, InternalTrainer
+
+    flow_keys = {f.name for f in dataclasses.fields(InternalFlowConfig)}
+    train_keys = {f.name for f in dataclasses.fields(InternalTrainConfig)}
+    unknown = set(settings) - flow_keys - train_keys
+    if unknown:
+        raise InputError(f"unknown setting(s) for the internal-coordinate sampler: {sorted(unknown)}")
+    fcfg = InternalFlowConfig.from_dict({k: v for k, v in settings.items() if k in flow_keys})
+    tcfg = InternalTrainConfig.from_dict({k: v for k, v in settings.items() if k in train_keys})
+    if steps is not None:
+        tcfg = dataclasses.replace(tcfg, steps=int(steps))
+    if tcfg.steps < 0:
+        raise InputError("--steps must be >= 0")
+    mol = system if isinstance(system, MolecularSystem) else load_system(system)
+    t0 = time.perf_counter()
+    frames, weights = load_weighted_frames(paths, mol, tcfg.skip_fraction)
+    seed = random_seed() if seed is None else int(seed)
+    if ck is not None:
+        if ck["system_json"]["fingerprint"] != mol.fingerprint:
+            raise InputError(f"cannot resume {out}: it was trained for another system")
+        flow = InternalFlow(ck["layout_json"], fcfg)
+        flow.load_state_dict(ck["model"])
+        wall0 = float(ck.get("training_wall_clock_s", 0.0))
+    else:
+        flow = InternalFlow.fit(mol, frames, weights, fcfg, mask_seed=seed)
+        wall0 = 0.0
+    trainer = InternalTrainer(flow, frames, weights, tcfg, seed, system=mol)
+    if ck is not None:
+        trainer.load_state(ck)
+    s = mol
+    kish = float(weights.sum() ** 2 / (weights ** 2).sum())
+
+    def save(wall: float) -> None:
+        save_checkpoint(out, {
+            "format": FORMAT, **trainer.state(), "seed": seed, "layout_json": flow.layout,
+            "map_config_json": fcfg.to_dict(), "train_config_json": dataclasses.asdict(tcfg),
+            "n_frames": int(len(frames)), "data_json": {"paths": [str(p) for p in paths], "kish_frames": kish},
+            "system_json": {"name": s.name, "pdb": s.pdb_text, "forcefield": list(s.forcefield_files),
+                            "temperature_K": s.temperature_K, "friction_per_ps": s.friction_per_ps,
+                            "timestep_fs": s.timestep_fs, "fingerprint": s.fingerprint},
+            "training_wall_clock_s": float(wall)})
+
+    if progress:
+        n_par = sum(p.numel() for p in flow.stacks.parameters())
+        print(f"molflow train-boltzmann: system={mol.name} kind=internal seed={seed} frames={len(frames)} "
+              f"(Kish {kish:.0f}) broad torsions={len(flow.broad)} stiff coordinates={flow.n_stiff} "
+              f"step counts={list(fcfg.step_counts)} params={n_par} objective={tcfg.objective}", file=sys.stderr)
+    bar = tqdm(total=tcfg.steps, initial=trainer.step_count, disable=not progress, desc="train-boltzmann",
+               file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter() - wall0 - (time.perf_counter() - t0 if ck is None else 0.0)
+    try:
+        if trainer.step_count == 0 and not trainer.history:
+            trainer.history.append({"step": 0, **trainer.validation()})
+        while trainer.step_count < tcfg.steps:
+            row = trainer.train_step()
+            row["step"] = trainer.step_count
+            if trainer.step_count % tcfg.checkpoint_every == 0 or trainer.step_count == tcfg.steps:
+                row.update(trainer.validation())
+            trainer.history.append(row)
+            bar.update(1)
+            shown = {k: v for k, v in row.items() if k.startswith(("ess_", "nll_"))}
+            bar.set_postfix_str(" ".join(f"{k} {v:.3g}" for k, v in list(shown.items())[:4]))
+            if trainer.step_count % tcfg.checkpoint_every == 0:
+                save(time.perf_counter() - start)
+    finally:
+        bar.close()
+    save(time.perf_counter() - start)
     return out

@@ -184,6 +184,36 @@ def test_sampler_error_names_the_guard_the_bond_and_the_jump(data20fs):
     assert "molflow info bad.pt" in msg and "train longer" in msg and "--finish-steps" in msg
 
 
+def test_a_jump_that_inverts_a_stereocentre_is_redrawn(data20fs):
+    """A map that turns L-alanine into its mirror image trips the chirality guard: the replica is
+    restarted, and one that keeps inverting is stopped with the guard named. A map that mirrors only
+    every other draw is rescued by its restarts: every frame keeps the start's handedness."""
+    from molflow.boltzmann.geometry import ChiralityChecker
+
+    sys_ = molflow.load_system("alanine_dipeptide")
+    model = build_model(sys_, MapConfig(n_features=16, n_layers=2))
+    fm = FlowMap(model, sys_, 0.02, {"path": "mirror.pt"})
+    real = model.forward
+    calls = {"n": 0}
+
+    def mirror(x, v, L, eps, tau, every=1):
+        xt, vt = real(x, v, L, eps, tau)
+        calls["n"] += 1
+        return (-xt if calls["n"] % every == 0 else xt), vt  # point inversion: every centre inverted
+
+    x0, v0 = start_states_from_run(data20fs, 2)
+    model.forward = mirror
+    with pytest.raises(SimulationError) as err:
+        fm.sample((x0, v0), n_jumps=2, tau_ps=0.02, seed=1, max_retries=2, finish=0)
+    assert "chirality guard: stereocentre" in str(err.value) and "CA" in str(err.value)
+    model.forward = lambda *a: mirror(*a, every=2)
+    calls["n"] = 0
+    out = fm.sample((x0, v0), n_jumps=4, tau_ps=0.02, seed=1, max_retries=3, finish=0)
+    chk = ChiralityChecker.for_system(sys_)
+    assert (chk.classify(out["positions"].astype(np.float64)) == 1).all()
+    assert out["restarts_per_replica"].sum() >= 1 and (out["stopped_at_jump"] < 0).all()
+
+
 def test_resume_with_more_steps_keeps_the_schedule(data20fs, tmp_path):
     """A finished run extended with --resume --steps keeps its planned LR schedule and curriculum
     (it goes on at the final learning rate), instead of re-planning them for the new total."""

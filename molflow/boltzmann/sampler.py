@@ -259,7 +259,7 @@ class BoltzmannSampler:
     def sample(self, n: int, steps: int = 4, seed: int | None = None, reweight: bool = False,
                out: str | os.PathLike | None = None, overwrite: bool = False, batch_size: int | None = None,
                jacobian_chunk: int | None = None, inverse_radius: float = 0.1, inverse_iterations: int = 30,
-               energy_platform: str = "CPU", progress: bool = False,
+               energy_platform: str = "Reference", progress: bool = False,
                anneal: AnnealSettings | None = None) -> dict[str, Any]:
         """Draw ``n`` conformations with ``steps`` map steps (1, 2, 4 or 10 as trained; for the VP map
         others are allowed but were not on the training grid unless they divide 64 or are below 32; the
@@ -271,6 +271,11 @@ class BoltzmannSampler:
         ``log_base_density``, ``invertible``, ``inverse_status``, ``inverse_distance``,
         ``smallest_singular_value``;
         and ``attrs`` (counts, ESS, timings, settings). With ``out`` the same goes to HDF5.
+
+        ``energy_platform``: OpenMM platform of the single-molecule energies. The default, Reference
+        (double precision), is also the fastest for a molecule this small: about 28 µs per energy of
+        alanine dipeptide on this project's 2-core CPU, against about 0.46 ms with the CPU platform,
+        whose per-call overhead dominates (benchmarks/boltzmann.py, README).
 
         ``anneal`` (with ``reweight``): the exact annealed finish (:mod:`.anneal`): the map's samples
         go through targets with tempered bond and angle terms (or all terms, ``anneal.tempered``) with
@@ -346,12 +351,12 @@ class BoltzmannSampler:
         wall = time.perf_counter() - t_start
         res: dict[str, Any] = {"positions": x.astype(np.float32), "potential_energy": U, "chirality_ok": chir_ok,
                                "reflected": reflected}
-        attrs: dict[str, Any] = {**self._common_attrs(n, K, seed, reweight, B, energy_platform), 
+        attrs: dict[str, Any] = {
+            **self._common_attrs(n, K, seed, reweight, B, energy_platform),
             "eta": self.model.config.eta, "networks": self.model.config.networks,
-            "wall_clock_s": wall, "wall_clock_map_s": t_map,
-            "wall_clock_reweight_s": t_rew, "wall_clock_energy_s": t_energy,
-            "n_reflected": int(reflected.sum()), "n_mixed_chirality": int((~chir_ok).sum()),
-            "n_wrong_chirality": int(reflected.sum() + (~chir_ok).sum()),
+            "wall_clock_s": wall, "wall_clock_map_s": t_map, "wall_clock_reweight_s": t_rew,
+            "wall_clock_energy_s": t_energy, "n_reflected": int(reflected.sum()),
+            "n_mixed_chirality": int((~chir_ok).sum()), "n_wrong_chirality": int(reflected.sum() + (~chir_ok).sum()),
             "n_nonfinite_energy": int((~np.isfinite(U)).sum()),
         }
         if reweight:

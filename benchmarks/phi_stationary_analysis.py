@@ -14,6 +14,9 @@ For a rollout file of ``benchmarks/fidelity_cpu.py`` (or any run file of alanine
 - **crossings**: entries into and exits from the alpha_L core (evaluator's core sets, hysteresis) split
   by route — through phi = 0 or through phi = +-180 deg (the sign of the unwrapped change) — and the
   rates per ns of time spent in the core left;
+- one-frame crossings of the phi ~ 120-180 deg barrier: consecutive frames, one in the alpha_L core
+  range (30..100 deg) and one at phi <= -100 deg (the short way round is through +-180), per ns spent
+  in the alpha_L core;
 - the alpha_L population (evaluator's basin definition).
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ def analyse(path: str, umbrella: str) -> dict:
     phis, psis, inverted = [], [], []
     routes = {"entries": {"via_0": 0, "via_180": 0}, "exits": {"via_0": 0, "via_180": 0}}
     t_in = t_out = 0.0
+    one_frame_180 = 0
     with molflow.Trajectory(path) as t:
         dt = float(t.frame_interval_ps)
         for r in range(t.n_replicas):
@@ -52,6 +56,9 @@ def analyse(path: str, umbrella: str) -> dict:
             phis.append(ph)
             psis.append(ps)
             st = phi_core_states(ph)
+            deg = np.degrees(ph)
+            a, b = deg[:-1], deg[1:]
+            one_frame_180 += int((((a >= 30) & (a <= 100) & (b <= -100)) | ((b >= 30) & (b <= 100) & (a <= -100))).sum())
             t_in += (st == 1).sum() * dt
             t_out += (st == 0).sum() * dt
             u = np.unwrap(ph)
@@ -87,6 +94,8 @@ def analyse(path: str, umbrella: str) -> dict:
             "alpha_L_population": float(basin_populations(ph, ps, n_bootstrap=0)["alpha_L_C7ax"]["population"]),
             "routes": routes, "entry_rate_per_ns": n_e / t_out * 1000.0 if t_out else None,
             "exit_rate_per_ns": n_x / t_in * 1000.0 if t_in else None,
+            "one_frame_crossings_via_180": one_frame_180, "time_in_alpha_L_core_ns": t_in / 1000.0,
+            "one_frame_crossings_via_180_per_ns_in_alpha_L": one_frame_180 / t_in * 1000.0 if t_in else None,
             "dF_kT_vs_umbrella": {f"{ci:g}": (None if not np.isfinite(d) else float(d)) for ci, d in zip(c, dF)},
             "p_rollout": hm.tolist(), "p_umbrella": hu.tolist()}
 
@@ -101,7 +110,9 @@ def main() -> int:
     for r in res:
         print(f"{r['rollout']}: {r['replicas_with_inversion']} of {r['replicas']} replicas inverted; "
               f"L frames {r['l_frames_ns']:.0f} ns, alpha_L {r['alpha_L_population']:.4f}, entries {r['routes']['entries']} "
-              f"({r['entry_rate_per_ns']:.4f}/ns), exits {r['routes']['exits']} ({r['exit_rate_per_ns']:.3f}/ns)")
+              f"({r['entry_rate_per_ns']:.4f}/ns), exits {r['routes']['exits']} ({r['exit_rate_per_ns']:.3f}/ns); "
+              f"one-frame crossings through 180: {r['one_frame_crossings_via_180']} "
+              f"({r['one_frame_crossings_via_180_per_ns_in_alpha_L']:.3f} per ns in alpha_L)")
         print("  dF/kT: " + " ".join(f"{k}:{v:.2f}" for k, v in r["dF_kT_vs_umbrella"].items() if v is not None))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "phi_stationary_analysis", "umbrella": args.umbrella,

@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--rollout", required=True, help="a long free run of --model (benchmarks/fidelity_cpu.py --work)")
     ap.add_argument("--umbrella", required=True)
     ap.add_argument("--clip", type=float, default=6.0)
+    ap.add_argument("--phi-window", type=float, nargs=2, metavar=("LO", "HI"),
+                    help="change only the phi table, at nodes with LO <= phi <= HI (deg); psi and pair tables kept")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     drive = molflow.FlowMap.load(args.model, device="cpu").model.drive
@@ -46,6 +48,11 @@ def main() -> int:
     pseudo = LandscapeIBIConfig().pseudo_count
     d1 = ibi_update(cm, cd, 1.0, args.clip, pseudo)
     dp = ibi_pair_update(cp, cpd, 1.0, args.clip, pseudo)
+    if args.phi_window:
+        nodes = np.degrees(-np.pi + 2 * np.pi * np.arange(drive.n_landscape) / drive.n_landscape)
+        d1[0] = np.where((nodes >= args.phi_window[0]) & (nodes <= args.phi_window[1]), d1[0], 0.0)
+        d1[1] = 0.0
+        dp = np.zeros_like(dp)
     print("phi table change (kT):", np.round(d1[0], 2).tolist())
     print("psi table change (kT):", np.round(d1[1], 2).tolist())
     ck = load_checkpoint(args.model)

@@ -7,6 +7,7 @@ tails; the seeds are fixed, so a pass is reproducible).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import h5py
@@ -203,6 +204,21 @@ def test_resume_after_a_crash_is_bit_exact(trained, md_frames, tmp_path, monkeyp
     b = torch.load(part, weights_only=True)
     assert b["step"] == 6 and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_more_steps_keeps_the_schedule(trained, md_frames, tmp_path):
+    """A finished 3-step run extended to 5 with --resume goes on at its schedule's final learning rate
+    (lr x lr_floor) instead of re-planning the cosine for 5 steps."""
+    _, cfg = trained
+    out = tmp_path / "ext.pt"
+    args = ["--quiet", "train-boltzmann", "alanine_dipeptide", "--data", str(md_frames[0]), "--out", str(out),
+            "--seed", "2", "--config", str(cfg)]
+    assert main(args + ["--steps", "3"]) == 0
+    assert main(args + ["--steps", "5", "--resume"]) == 0
+    ck = torch.load(out, weights_only=True)
+    lr = [h["lr"] for h in json.loads(ck["history_json"]) if "lr" in h]
+    assert ck["step"] == 5 and len(lr) == 5 and ck["schedule_steps"] == 3
+    assert lr[3:] == pytest.approx([1e-3 * 0.05] * 2) and lr[1] > lr[3]
 
 
 def test_cli_sample_with_weights(trained, tmp_path, capsys):

@@ -47,6 +47,14 @@ from .internal import ZMatrix, random_rotations, wrap_angle
 KIND = "internal"
 
 
+def _from_dict(cls, d: dict[str, Any], what: str):
+    """A settings dataclass from a dict, refusing keys it does not have (one line naming them)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise InputError(f"unknown {what} setting(s) {sorted(unknown)}")
+    return cls(**d)
+
+
 @dataclasses.dataclass
 class InternalFlowConfig:
     """Settings of the internal-coordinate sampler (``--config`` keys; ``kind: vp`` selects the
@@ -74,11 +82,7 @@ class InternalFlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InternalFlowConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"unknown internal-coordinate sampler setting(s) {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "internal-coordinate sampler")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -432,11 +436,7 @@ class InternalTrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InternalTrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"unknown internal-coordinate training setting(s) {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "internal-coordinate training")
 
 
 class InternalTrainer:
@@ -471,12 +471,15 @@ class InternalTrainer:
         self.w_val = w[self.val_idx] / w[self.val_idx].sum() if n_val else None
         self.opt = torch.optim.AdamW(flow.stacks.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.step_count = 0
+        #: the step count the learning-rate schedule was planned for: a run extended with --resume and
+        #: more --steps goes on at the schedule's final rate instead of re-planning it
+        self.schedule_steps = int(config.steps)
         self.history: list[dict[str, float]] = []
 
     def lr_factor(self) -> float:
         from ..flowmap import warmup_cosine
 
-        return warmup_cosine(self.step_count, self.config.steps, self.config.lr_floor)
+        return warmup_cosine(self.step_count, self.schedule_steps, self.config.lr_floor)
 
     def _nll(self, idx: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = {}
@@ -510,9 +513,10 @@ class InternalTrainer:
         return out, mon
 
     def train_step(self) -> dict[str, float]:
+        lr = self.config.lr * self.lr_factor()
         for g in self.opt.param_groups:
-            g["lr"] = self.config.lr * self.lr_factor()
-        total, row = 0.0, {}
+            g["lr"] = lr
+        total, row = 0.0, {"lr": lr}
         if self.config.objective in ("forward", "both"):
             pick = torch.multinomial(self.w_train, self.config.batch_size, replacement=True, generator=self.gen)
             losses = self._nll(self.train_idx[pick])
@@ -544,11 +548,12 @@ class InternalTrainer:
 
     def state(self) -> dict[str, Any]:
         return {"model": self.flow.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step_count,
-                "rng": self.gen.get_state(), "history_json": self.history}
+                "rng": self.gen.get_state(), "history_json": self.history, "schedule_steps": self.schedule_steps}
 
     def load_state(self, ck: dict[str, Any]) -> None:
         self.flow.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.step_count = int(ck["step"])
+        self.schedule_steps = int(ck.get("schedule_steps", self.schedule_steps))
         self.gen.set_state(ck["rng"])
         self.history = list(ck.get("history_json") or [])

@@ -235,20 +235,9 @@ class BoltzmannSampler:
             log_w, keep = boltzmann_log_weights(U / kT, lad, lbase, chir_ok, in_domain)
             res.update(log_det_jacobian=lad, log_base_density=lbase, invertible=in_domain,
                        inverse_status=np.where(in_domain, 0, INVERSE_OUTSIDE_DOMAIN).astype(np.int8))
-            if anneal is not None and anneal.n_temperatures > 0:
-                t1 = time.perf_counter()
-                res["log_weights_map"] = log_w
-                attrs["ess_fraction_map"] = kish_ess(self_normalise(log_w, keep)) / n
-                x, U, log_w, keep, info = _anneal_samples(self.system, x, U, log_w, keep, anneal, seed)
-                res.update(positions=x.astype(np.float32), potential_energy=U)
-                attrs.update(anneal_json=json.dumps({**dataclasses.asdict(anneal), **info}),
-                             wall_clock_anneal_s=time.perf_counter() - t1)
-            w = self_normalise(log_w, keep)
-            ess = kish_ess(w)
-            res.update(log_weights=log_w, weights=w)
-            attrs.update(ess=ess, ess_fraction=ess / n, n_invertibility_failures=int((~in_domain).sum()),
-                         n_singular_jacobian=0, n_inverse_other_preimage=0, n_inverse_not_converged=0,
-                         n_weight_zero=int((~keep).sum()), max_weight=float(w.max()) if w.size else 0.0,
+            _weigh(self.system, res, attrs, x, log_w, keep, anneal, seed)
+            attrs.update(n_invertibility_failures=int((~in_domain).sum()), n_singular_jacobian=0,
+                         n_inverse_other_preimage=0, n_inverse_not_converged=0,
                          jacobian="analytic: coupling log-scales + Z-matrix volume (invertible by construction)")
         attrs["wall_clock_s"] = time.perf_counter() - t_start
         res["attrs"] = attrs
@@ -366,29 +355,40 @@ class BoltzmannSampler:
             inv = res["invertible"].astype(bool)
             log_w, keep = boltzmann_log_weights(U / kT, res["log_det_jacobian"], res["log_base_density"],
                                                 chir_ok, inv)
-            if anneal is not None and anneal.n_temperatures > 0:
-                t0 = time.perf_counter()
-                res["log_weights_map"] = log_w
-                attrs["ess_fraction_map"] = kish_ess(self_normalise(log_w, keep)) / n
-                x, U, log_w, keep, info = _anneal_samples(self.system, x, U, log_w, keep, anneal, seed)
-                res.update(positions=x.astype(np.float32), potential_energy=U)
-                attrs.update(anneal_json=json.dumps({**dataclasses.asdict(anneal), **info}),
-                             wall_clock_anneal_s=time.perf_counter() - t0)
-            w = self_normalise(log_w, keep)
-            ess = kish_ess(w)
-            res.update(log_weights=log_w, weights=w)
+            _weigh(self.system, res, attrs, x, log_w, keep, anneal, seed)
             st = res["inverse_status"]
-            attrs.update(ess=ess, ess_fraction=ess / n, n_invertibility_failures=int((~inv).sum()),
+            attrs.update(n_invertibility_failures=int((~inv).sum()),
                          n_singular_jacobian=int((st == INVERSE_SINGULAR).sum()),
                          n_inverse_other_preimage=int((st == INVERSE_OTHER_PREIMAGE).sum()),
                          n_inverse_not_converged=int((st == INVERSE_NOT_CONVERGED).sum()),
-                         n_weight_zero=int((~keep).sum()), inverse_radius=float(inverse_radius),
-                         inverse_iterations=int(inverse_iterations), jacobian="torch.func vmap(jacrev), float64",
-                         max_weight=float(w.max()) if w.size else 0.0)
+                         inverse_radius=float(inverse_radius), inverse_iterations=int(inverse_iterations),
+                         jacobian="torch.func vmap(jacrev), float64")
         res["attrs"] = attrs
         if out is not None:
             write_samples(out, res)
         return res
+
+
+def _weigh(system, res: dict[str, Any], attrs: dict[str, Any], x: np.ndarray, log_w: np.ndarray, keep: np.ndarray,
+           anneal: AnnealSettings | None, seed: int) -> None:
+    """Both samplers' last step with ``reweight``: the optional annealed finish (which replaces the
+    positions, energies and weights, keeping the map's own as ``log_weights_map``), then the
+    self-normalised weights and the ESS, written into ``res`` and ``attrs``. ``x``: the float64 positions
+    (nm) the log-weights were computed at (``res`` holds them rounded to float32)."""
+    n = len(log_w)
+    if anneal is not None and anneal.n_temperatures > 0:
+        t0 = time.perf_counter()
+        res["log_weights_map"] = log_w
+        attrs["ess_fraction_map"] = kish_ess(self_normalise(log_w, keep)) / n
+        x, U, log_w, keep, info = _anneal_samples(system, x, res["potential_energy"], log_w, keep, anneal, seed)
+        res.update(positions=x.astype(np.float32), potential_energy=U)
+        attrs.update(anneal_json=json.dumps({**dataclasses.asdict(anneal), **info}),
+                     wall_clock_anneal_s=time.perf_counter() - t0)
+    w = self_normalise(log_w, keep)
+    ess = kish_ess(w)
+    res.update(log_weights=log_w, weights=w)
+    attrs.update(ess=ess, ess_fraction=ess / n, n_weight_zero=int((~keep).sum()),
+                 max_weight=float(w.max()) if w.size else 0.0)
 
 
 def _anneal_samples(system, x: np.ndarray, U: np.ndarray, log_w: np.ndarray, keep: np.ndarray,

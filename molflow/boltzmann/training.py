@@ -461,6 +461,7 @@ def _train_internal(system, paths: list, out: Path, steps: int | None, seed: int
         trainer.load_state(ck)
     s = mol
     kish = float(weights.sum() ** 2 / (weights ** 2).sum())
+    start = (t0 if ck is None else time.perf_counter()) - wall0  # a fresh run counts its data loading and fit
 
     def save(wall: float) -> None:
         save_checkpoint(out, {
@@ -479,7 +480,6 @@ def _train_internal(system, paths: list, out: Path, steps: int | None, seed: int
               f"step counts={list(fcfg.step_counts)} params={n_par} objective={tcfg.objective}", file=sys.stderr)
     bar = tqdm(total=tcfg.steps, initial=trainer.step_count, disable=not progress, desc="train-boltzmann",
                file=sys.stderr, dynamic_ncols=True)
-    start = time.perf_counter() - wall0 - (time.perf_counter() - t0 if ck is None else 0.0)
     try:
         if trainer.step_count == 0 and not trainer.history:
             trainer.history.append({"step": 0, **trainer.validation()})
